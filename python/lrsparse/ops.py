@@ -1,0 +1,189 @@
+"""Python entry points of the lrsparse operators, with their fake (meta) kernels and autograd.
+
+The schemas live in csrc/registration.cpp and the kernels in csrc/ (CPU) and csrc/cuda/ (CUDA); this module adds
+what torch.compile and autograd need. Each function documents its contract; :mod:`lrsparse.reference` holds the
+pure-PyTorch equivalent of each.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lrsparse._extension import load_extension
+
+_C, BUILD_INFO = load_extension()
+_ops = torch.ops.lrsparse
+
+__all__ = [
+    "accumulate_importance_",
+    "global_topk_threshold",
+    "apply_threshold_mask_",
+    "weighted_lowrank",
+    "mixed_rank_linear",
+    "BUILD_INFO",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accumulate_importance_
+# ----------------------------------------------------------------------------------------------------------------
+def accumulate_importance_(
+    ema: Tensor,
+    uncertainty: Tensor,
+    weight: Tensor,
+    grad: Tensor,
+    mask: Tensor | None = None,
+    fisher: Tensor | None = None,
+    *,
+    beta1: float = 0.85,
+    beta2: float = 0.95,
+    beta_fisher: float = 0.99,
+    criterion: str = "sensitivity",
+) -> None:
+    """One fused PLATON step on one weight matrix, in place.
+
+    ``I = |w*g|`` ("sensitivity") or ``-w*g`` ("movement"); ``ema = b1*ema + (1-b1)*I``;
+    ``uncertainty = b2*uncertainty + (1-b2)*|I - ema|``; ``fisher = bf*fisher + (1-bf)*g^2`` when given.
+    Entries whose ``mask`` is 0 keep their state. State tensors are float32; weight/grad float32, bf16 or fp16.
+    """
+    _ops.accumulate_importance_(
+        ema, uncertainty, weight, grad, mask, fisher, float(beta1), float(beta2), float(beta_fisher), criterion
+    )
+
+
+@torch.library.register_fake("lrsparse::accumulate_importance_")
+def _accumulate_importance_fake(ema, uncertainty, weight, grad, mask, fisher, beta1, beta2, beta_fisher, criterion):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# global_topk_threshold / apply_threshold_mask_
+# ----------------------------------------------------------------------------------------------------------------
+def global_topk_threshold(
+    ema: Sequence[Tensor],
+    uncertainty: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | None,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact k-th largest score over many tensors without concatenating them.
+
+    The score of an entry is ``ema * uncertainty`` (or ``ema`` alone when ``uncertainty`` is None); entries whose
+    mask is 0 are excluded. Returns ``(threshold, ties_to_keep)``: keeping every live entry with score > threshold
+    plus the first ``ties_to_keep`` entries equal to it, in (tensor index, flat index) order, keeps exactly k.
+    """
+    return _ops.global_topk_threshold(list(ema), list(uncertainty or []), list(masks or []), int(k))
+
+
+@torch.library.register_fake("lrsparse::global_topk_threshold")
+def _global_topk_threshold_fake(ema, uncertainty, masks, k):
+    device = ema[0].device if len(ema) else torch.device("cpu")
+    return (torch.empty((), dtype=torch.float32, device=device), torch.empty((), dtype=torch.int64, device=device))
+
+
+def apply_threshold_mask_(
+    masks: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    uncertainty: Sequence[Tensor] | None,
+    threshold: Tensor,
+    ties_to_keep: Tensor,
+) -> None:
+    """``mask &= score is kept`` for every tensor, and pruned weights become exactly 0 (fused, in place)."""
+    _ops.apply_threshold_mask_(list(masks), list(weights), list(ema), list(uncertainty or []), threshold, ties_to_keep)
+
+
+@torch.library.register_fake("lrsparse::apply_threshold_mask_")
+def _apply_threshold_mask_fake(masks, weights, ema, uncertainty, threshold, ties_to_keep):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weighted_lowrank
+# ----------------------------------------------------------------------------------------------------------------
+def weighted_lowrank(
+    weight: Tensor,
+    rank: int,
+    omega: Tensor | None = None,
+    *,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    seed: int = 0,
+    oversample: int = 10,
+) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors ``U (m x r)``, ``V (r x n)`` minimizing ``sum(omega * (W - U V)^2)``.
+
+    ``omega`` None gives the truncated SVD; otherwise EM (fill ``omega*W + (1-omega)*UV``, refit rank r) with a
+    warm-started randomized subspace iteration, stopped after ``max_iters`` or when the relative decrease of the
+    weighted error drops below ``tol``. Deterministic for a given ``seed``; singular values are split evenly
+    between U and V. Not differentiable.
+    """
+    return _ops.weighted_lowrank(weight, int(rank), omega, int(max_iters), float(tol), int(seed), int(oversample))
+
+
+@torch.library.register_fake("lrsparse::weighted_lowrank")
+def _weighted_lowrank_fake(weight, rank, omega, max_iters, tol, seed, oversample):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    m, n = weight.shape
+    return weight.new_empty((m, rank)), weight.new_empty((rank, n))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixed_rank_linear
+# ----------------------------------------------------------------------------------------------------------------
+def mixed_rank_linear(
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    bias: Tensor | None = None,
+    sparse_weight: Tensor | None = None,
+    sparse_mask: Tensor | None = None,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``(1 - alpha) * x @ Ws^T + alpha * (x @ V^T) @ U^T + bias`` for ``x`` of shape ``(..., in)``.
+
+    ``U`` is ``(out, r)``, ``V`` is ``(r, in)``; ``sparse_weight`` (``Ws``, dense storage, zero where pruned) is
+    ``(out, in)`` and ``sparse_mask`` its keep-mask: the gradient of ``Ws`` is exactly zero where the mask is 0.
+    Without ``sparse_weight`` (or with alpha = 1) this is the plain low-rank linear used at inference.
+    """
+    return _ops.mixed_rank_linear(x, U, V, bias, sparse_weight, sparse_mask, float(alpha))
+
+
+@torch.library.register_fake("lrsparse::mixed_rank_linear")
+def _mixed_rank_linear_fake(x, U, V, bias, sparse_weight, sparse_mask, alpha):
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+@torch.library.register_fake("lrsparse::mixed_rank_linear_backward")
+def _mixed_rank_linear_backward_fake(grad_out, x, U, V, sparse_weight, sparse_mask, alpha, output_mask):
+    grads = (
+        torch.empty_like(x),
+        torch.empty_like(U),
+        torch.empty_like(V),
+        grad_out.new_empty((U.shape[0],)),
+        torch.empty_like(sparse_weight) if sparse_weight is not None else None,
+    )
+    return tuple(g if needed else None for g, needed in zip(grads, output_mask))
+
+
+def _mixed_rank_linear_setup_context(ctx, inputs, output):
+    x, U, V, bias, sparse_weight, sparse_mask, alpha = inputs
+    ctx.save_for_backward(x, U, V, sparse_weight, sparse_mask)
+    ctx.alpha = alpha
+    ctx.has_bias = bias is not None
+
+
+def _mixed_rank_linear_backward(ctx, grad_out):
+    x, U, V, sparse_weight, sparse_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias, needs[4] and sparse_weight is not None]
+    grad_x, grad_U, grad_V, grad_bias, grad_sparse = _ops.mixed_rank_linear_backward(
+        grad_out, x, U, V, sparse_weight, sparse_mask, ctx.alpha, output_mask
+    )
+    return grad_x, grad_U, grad_V, grad_bias, grad_sparse, None, None
+
+
+torch.library.register_autograd(
+    "lrsparse::mixed_rank_linear", _mixed_rank_linear_backward, setup_context=_mixed_rank_linear_setup_context
+)
