@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -208,11 +209,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Calls ``write(handle)`` on a temporary file next to ``path``, fsyncs it and renames it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; the result should have the usual permissions
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             write(handle)
             handle.flush()
@@ -273,6 +284,10 @@ class CheckpointStore:
         for old in previous:
             if old and old != filename:
                 (self.directory / old).unlink(missing_ok=True)
+
+    def remove_states(self, manifest: dict) -> None:
+        for stage in manifest["stages"]:
+            (self.directory / stage["state_file"]).unlink(missing_ok=True)
 
     def load_state(self, stage: dict) -> dict:
         path = self.directory / stage["state_file"]
@@ -534,7 +549,7 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
                 if after_step is not None:
                     after_step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss)
+                loss_sum += loss.item()
             scheduler.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(1, step + 1 - skipped):.4f}")
@@ -781,9 +796,9 @@ class CompressionRun:
                      len(self.stage_names))
             state = self._restore(last)
         else:
-            if config.overwrite and self.output_dir.exists():
-                for stale in (self.output_dir / "report.json", self.store.manifest_path):
-                    stale.unlink(missing_ok=True)
+            if config.overwrite:
+                (self.output_dir / "report.json").unlink(missing_ok=True)
+                shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
             dense = count_parameters(state.model, list(self._targets(state.model)), sparse=False)
             manifest = {"format_version": CHECKPOINT_FORMAT, "config": config.identity(), "dense_params": dense,
@@ -804,7 +819,7 @@ class CompressionRun:
                 metrics = evaluate(state.model, self.eval_set, self.task, config.eval_batch_size, self.collate,
                                    self.device, desc=f"eval {name}")
             seconds = time.perf_counter() - t0
-            log.info("stage %s done in %.1f s (%.1f s training): %s", name, seconds, train_seconds,
+            log.info("stage %s done in %.1f s (%.1f s before evaluation): %s", name, seconds, train_seconds,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             record = {"name": name, "index": index, "metrics": metrics, "seconds": seconds, **extra}
             self.store.commit(manifest, record, self._state_payload(state))
@@ -823,6 +838,7 @@ class CompressionRun:
             from lrsparse.layers import finalize_low_rank
 
             finalize_low_rank(state.model)
+        self.model = state.model
         target_names = [entry["name"] for entry in state.layers]
         compressed = count_parameters(state.model, target_names, sparse=self.config.method == "prune-only")
         report = build_report(self.config, manifest, state.layers, compressed, checkpoint_bytes=0,
@@ -836,6 +852,8 @@ class CompressionRun:
         atomic_write_json(self.output_dir / "report.json", report)
         manifest["completed"] = True
         atomic_write_json(self.store.manifest_path, manifest)
+        # The saved model supersedes the last stage's state; the manifest keeps every stage's record.
+        self.store.remove_states(manifest)
         log.info("saved %s (%d bytes) and %s", model_dir, report["checkpoint_bytes"], self.output_dir / "report.json")
         return report
 
