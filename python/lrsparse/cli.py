@@ -18,7 +18,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
                                    RANK_ALLOCATIONS, default_model)
 
@@ -84,14 +84,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compress(args) -> int:
-    from lrsparse.pipeline import CompressionConfig, run_compression
-    from lrsparse.report import format_report
+def config_from_args(args: argparse.Namespace):
+    """The CompressionConfig of parsed ``compress`` arguments (per-stage epochs default to --epochs)."""
+    from lrsparse.pipeline import CompressionConfig
 
     def epochs(value):
         return args.epochs if value is None else value
 
-    config = CompressionConfig(
+    return CompressionConfig(
         task=args.task, keep=args.keep, output_dir=args.output, model=args.model, method=args.method,
         data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         dense_epochs=epochs(args.dense_epochs), prune_epochs=epochs(args.prune_epochs),
@@ -102,7 +102,13 @@ def _compress(args) -> int:
         blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, resume=args.resume,
         overwrite=args.overwrite,
     )
-    report = run_compression(config)
+
+
+def _compress(args) -> int:
+    from lrsparse.pipeline import run_compression
+    from lrsparse.report import format_report
+
+    report = run_compression(config_from_args(args))
     if not args.no_inspect:
         print(format_report(report))
     return 0
@@ -134,7 +140,7 @@ def _inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
