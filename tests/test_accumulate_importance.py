@@ -139,6 +139,8 @@ def test_torch_compile_fullgraph_matches_eager():
         ops.accumulate_importance_(ema, uncertainty, weight, grad, mask, fisher, beta1=0.8, criterion="sensitivity")
         return ema.sum() + uncertainty.sum()
 
+    # aot_eager traces through dynamo, the fake kernel and functionalization of the in-place op, which is what is
+    # under test here; inductor would add a C++ compile of its own (tens of seconds on the shared CI cores).
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     args = small_args()[:6]
     eager_args = [None if t is None else t.clone() for t in args]
