@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -45,6 +46,19 @@ struct StatePointers {
   const uint8_t* mask;  // nullptr when every entry is live; bool storage is read as bytes 0/1
 };
 
+// `live ? updated : old` as bit operations: GCC keeps a conditional on a loaded mask byte as a branch, which
+// would stop the loop from vectorizing. Also keeps `old` bit for bit where the entry is masked out.
+inline float select_live(uint32_t live, float updated, float old) {
+  uint32_t updated_bits, old_bits;
+  std::memcpy(&updated_bits, &updated, sizeof(float));
+  std::memcpy(&old_bits, &old, sizeof(float));
+  const uint32_t all_ones_if_live = 0u - live;
+  const uint32_t bits = (updated_bits & all_ones_if_live) | (old_bits & ~all_ones_if_live);
+  float result;
+  std::memcpy(&result, &bits, sizeof(float));
+  return result;
+}
+
 template <Criterion kCriterion, bool kHasMask, bool kHasFisher, typename input_t>
 void accumulate_range(const StatePointers& state, const input_t* __restrict__ weight,
                       const input_t* __restrict__ grad, Decay d1, Decay d2, Decay df, int64_t begin,
@@ -67,15 +81,15 @@ void accumulate_range(const StatePointers& state, const input_t* __restrict__ we
     const float uncertainty_decayed = d2.keep * old_uncertainty;
     const float uncertainty_new_part = d2.mix * std::fabs(importance - new_ema);
     const float new_uncertainty = uncertainty_decayed + uncertainty_new_part;
-    const bool live = kHasMask ? mask[i] != 0 : true;
-    ema[i] = live ? new_ema : old_ema;
-    uncertainty[i] = live ? new_uncertainty : old_uncertainty;
+    const uint32_t live = kHasMask ? static_cast<uint32_t>(mask[i] != 0) : 1u;
+    ema[i] = select_live(live, new_ema, old_ema);
+    uncertainty[i] = select_live(live, new_uncertainty, old_uncertainty);
     if constexpr (kHasFisher) {
       const float old_fisher = fisher[i];
       const float fisher_decayed = df.keep * old_fisher;
       const float fisher_new_part = (df.mix * g) * g;  // `(1 - bf) * g * g` associates left in the reference
       const float new_fisher = fisher_decayed + fisher_new_part;
-      fisher[i] = live ? new_fisher : old_fisher;
+      fisher[i] = select_live(live, new_fisher, old_fisher);
     }
   }
 }
