@@ -36,10 +36,11 @@ __device__ __forceinline__ void update_scalar(const ImportanceArgs& a, const Coe
   if (kHasFisher) a.fisher[i] = fisher;
 }
 
-// kWidth elements of T in 16 bytes: 4 for float32, 8 for half/bf16.
+// Entries per vector step: 16 bytes of T (4 float32, 8 half/bf16) and at least one float4 of state (4 float64).
 template <typename T>
 struct VectorWidth {
-  static constexpr int value = 16 / sizeof(T);
+  static constexpr int value = 16 / sizeof(T) > 4 ? 16 / sizeof(T) : 4;
+  static constexpr int input_loads = value * sizeof(T) / 16;  // uint4 loads of weight (and of grad)
 };
 
 template <int kWidth>
@@ -75,8 +76,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         *reinterpret_cast<float4*>(unc + j) = *reinterpret_cast<const float4*>(a.uncertainty + base + j);
         if (kHasFisher) *reinterpret_cast<float4*>(fisher + j) = *reinterpret_cast<const float4*>(a.fisher + base + j);
       }
-      *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.weight) + base);
-      *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.grad) + base);
+#pragma unroll
+      for (int j = 0; j < VectorWidth<T>::input_loads; ++j) {
+        reinterpret_cast<uint4*>(w)[j] = reinterpret_cast<const uint4*>(static_cast<const T*>(a.weight) + base)[j];
+        reinterpret_cast<uint4*>(g)[j] = reinterpret_cast<const uint4*>(static_cast<const T*>(a.grad) + base)[j];
+      }
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         float new_ema = ema[j], new_unc = unc[j], new_fisher = kHasFisher ? fisher[j] : 0.f;
@@ -154,6 +158,8 @@ cudaError_t launch_accumulate_importance(const ImportanceArgs& args, cudaStream_
       return dispatch_criterion<__nv_bfloat16>(args, c, stream);
     case FloatKind::kFloat16:
       return dispatch_criterion<__half>(args, c, stream);
+    case FloatKind::kFloat64:
+      return dispatch_criterion<double>(args, c, stream);
   }
   return cudaErrorInvalidValue;
 }

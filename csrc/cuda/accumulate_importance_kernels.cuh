@@ -27,7 +27,7 @@ struct ImportanceArgs {
 };
 
 // Uses 16-byte loads when every pointer allows it (float4 state, 4 fp32 or 8 half/bf16 weight/grad), scalar
-// loads otherwise and for the tail. Returns the launch error, if any.
+// loads otherwise and for the tail (float64 inputs: two 16-byte loads per 4 entries). Returns the launch error, if any.
 cudaError_t launch_accumulate_importance(const ImportanceArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

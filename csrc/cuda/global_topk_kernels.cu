@@ -33,8 +33,8 @@ __device__ __forceinline__ float key_score(uint32_t key) {
 }
 
 // The slice that holds tile blockIdx.x (binary search over first_tile), shared by the whole block.
-__device__ __forceinline__ void locate_tile(const ScoreSlice* slices, int num_slices, ScoreSlice* slice,
-                                            int64_t* begin, int64_t* end) {
+__device__ __forceinline__ int locate_tile(const ScoreSlice* slices, int num_slices, ScoreSlice* slice,
+                                           int64_t* begin, int64_t* end) {
   __shared__ int found;
   if (threadIdx.x == 0) {
     int lo = 0, hi = num_slices - 1;
@@ -48,6 +48,7 @@ __device__ __forceinline__ void locate_tile(const ScoreSlice* slices, int num_sl
   *slice = slices[found];
   *begin = (static_cast<int64_t>(blockIdx.x) - slice->first_tile) * kTileElements;
   *end = *begin + kTileElements < slice->numel ? *begin + kTileElements : slice->numel;
+  return found;
 }
 
 // One radix pass: histogram of digit (key >> shift) & 0xff over the live keys whose higher digits equal the
@@ -62,7 +63,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   if (threadIdx.x == 0) block_live = block_nan = 0;
   ScoreSlice slice;
   int64_t begin, end;
-  locate_tile(slices, num_slices, &slice, &begin, &end);  // synchronizes the zeroing above
+  const int slice_index = locate_tile(slices, num_slices, &slice, &begin, &end);  // synchronizes the zeroing above
   const uint32_t prefix = state->prefix;
   const uint32_t higher_digits = shift + kRadixBits >= 32 ? 0u : (~0u << (shift + kRadixBits));
   unsigned int live = 0, nan = 0;
@@ -91,7 +92,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   if (histogram[threadIdx.x]) atomicAdd(&state->histogram[threadIdx.x], histogram[threadIdx.x]);
   if (count_live && threadIdx.x == 0) {
     if (block_live) atomicAdd(&state->live_count, block_live);
-    if (block_nan) atomicAdd(&state->nan_count, block_nan);
+    if (block_nan) {
+      atomicAdd(&state->nan_count, block_nan);
+      atomicMin(&state->first_nan_slice, static_cast<uint32_t>(slice_index));
+    }
   }
 }
 
@@ -215,6 +219,8 @@ cudaError_t launch_select_threshold(const ScoreSlice* device_slices, int num_sli
                                     cudaStream_t stream) {
   if (num_tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   LRSPARSE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(state, 0, sizeof(SelectState), stream));
+  LRSPARSE_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(&state->first_nan_slice, 0xff, sizeof(state->first_nan_slice), stream));
   for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
     const bool first_pass = shift == 32 - kRadixBits;
     if (num_tiles > 0) {
@@ -233,7 +239,7 @@ cudaError_t read_select_status(const SelectState* state, SelectStatus* status, c
   SelectState copy;
   LRSPARSE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&copy, state, sizeof(SelectState), cudaMemcpyDeviceToHost, stream));
   LRSPARSE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  *status = SelectStatus{copy.live_count, copy.nan_count, copy.k_out_of_range};
+  *status = SelectStatus{copy.live_count, copy.nan_count, copy.first_nan_slice, copy.k_out_of_range};
   return cudaSuccess;
 }
 

@@ -38,11 +38,13 @@ struct SelectState {
   unsigned long long rank;        // rank (1 = largest) of the wanted entry among those matching `prefix`
   uint32_t prefix;                // key bits chosen so far
   int32_t k_out_of_range;         // k > live_count
+  uint32_t first_nan_slice;       // lowest slice index with a NaN score (UINT32_MAX: none)
 };
 
 struct SelectStatus {
   unsigned long long live_count;
   unsigned long long nan_count;
+  uint32_t first_nan_slice;
   int32_t k_out_of_range;
 };
 

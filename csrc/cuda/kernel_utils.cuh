@@ -23,12 +23,14 @@ namespace cuda {
 constexpr int kThreadsPerBlock = 256;
 
 // Element type tag for the 16-bit / 32-bit floating inputs, so that host launchers take no template argument.
-enum class FloatKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class FloatKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 template <typename T>
 __device__ __forceinline__ float to_float(T value);
 template <>
 __device__ __forceinline__ float to_float<float>(float value) { return value; }
+template <>
+__device__ __forceinline__ float to_float<double>(double value) { return static_cast<float>(value); }
 template <>
 __device__ __forceinline__ float to_float<__half>(__half value) { return __half2float(value); }
 template <>
