@@ -347,3 +347,9 @@ def test_backward_sparse_grad_requested_without_weight_names_argument():
     d = _valid()
     with pytest.raises(RuntimeError, match=r"output_mask\[4\].*sparse_weight is None"):
         backward_op(torch.randn(3, 2, 5), d["x"], d["U"], d["V"], None, None, 0.5, [True] * 5)
+
+
+@pytest.mark.parametrize("lead", [(), (0,), (2, 0)], ids=str)
+def test_vector_and_empty_batches(lead):
+    inputs = make_inputs(lead, 7, 5, 3, density=0.5)
+    check_against_reference(inputs, 0.4, torch.float64)
