@@ -18,18 +18,10 @@
 #include <string>
 #include <string_view>
 
-#include "checks.h"
+#include "accumulate_importance.h"
 
 namespace lrsparse {
 namespace {
-
-enum class Criterion { kSensitivity, kMovement };
-
-Criterion parse_criterion(const std::string& criterion) {
-  if (criterion == "sensitivity") return Criterion::kSensitivity;
-  if (criterion == "movement") return Criterion::kMovement;
-  TORCH_CHECK(false, "criterion must be one of \"sensitivity\", \"movement\", got \"", criterion, "\"");
-}
 
 // Scalar factors rounded to float32 the way `beta * float32_tensor` and `(1 - beta) * float32_tensor` round
 // the Python double in the reference: 1 - beta is formed in double first.
@@ -123,38 +115,11 @@ void accumulate_importance_cpu(at::Tensor& ema, at::Tensor& uncertainty, const a
                                const at::Tensor& grad, const std::optional<at::Tensor>& mask,
                                const std::optional<at::Tensor>& fisher, double beta1, double beta2,
                                double beta_fisher, std::string_view criterion_name) {
-  const Criterion criterion = parse_criterion(std::string(criterion_name));
-  check_unit_interval(beta1, "beta1");
-  check_unit_interval(beta2, "beta2");
-  check_unit_interval(beta_fisher, "beta_fisher");
-
-  check_floating(weight, "weight");
+  const Criterion criterion = check_accumulate_importance_args(ema, uncertainty, weight, grad, mask, fisher, beta1,
+                                                               beta2, beta_fisher, criterion_name);
   const auto input_type = weight.scalar_type();
-  TORCH_CHECK(input_type == at::kFloat || input_type == at::kBFloat16 || input_type == at::kHalf ||
-                  input_type == at::kDouble,
-              "weight must be float32, bfloat16, float16 or float64, got ", input_type);
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  TORCH_CHECK(grad.scalar_type() == input_type, "grad must have the dtype of weight (", input_type, "), got ",
-              grad.scalar_type());
-  check_same_shape(grad, weight, "grad", "weight");
-  check_same_device(grad, weight, "grad", "weight");
-  TORCH_CHECK(grad.is_contiguous(), "grad must be contiguous");
-
-  check_float_state(ema, "ema");
-  check_same_shape(ema, weight, "ema", "weight");
-  check_same_device(ema, weight, "ema", "weight");
-  check_float_state(uncertainty, "uncertainty");
-  check_same_shape(uncertainty, weight, "uncertainty", "weight");
-  check_same_device(uncertainty, weight, "uncertainty", "weight");
-
   const bool has_mask = mask.has_value() && mask->defined();
   const bool has_fisher = fisher.has_value() && fisher->defined();
-  if (has_mask) check_mask(*mask, weight, "mask", "weight");
-  if (has_fisher) {
-    check_float_state(*fisher, "fisher");
-    check_same_shape(*fisher, weight, "fisher", "weight");
-    check_same_device(*fisher, weight, "fisher", "weight");
-  }
 
   const int64_t numel = weight.numel();
   if (numel == 0) return;

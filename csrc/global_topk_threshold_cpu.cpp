@@ -23,7 +23,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "global_topk_checks.h"
 
 namespace lrsparse {
 namespace {
@@ -84,37 +84,16 @@ struct ScoreInputs {
   bool has_mask;
 };
 
+// Validation is shared with the CUDA kernels (global_topk_checks.h); this only gathers the pointers.
 ScoreInputs check_score_inputs(const char* op, const at::TensorList ema, const at::TensorList uncertainty,
                                const at::TensorList masks, bool masks_required) {
-  const size_t n = ema.size();
-  TORCH_CHECK(uncertainty.empty() || uncertainty.size() == n, op,
-              ": uncertainty must be empty or hold one tensor per ema tensor (", n, "), got ", uncertainty.size());
-  if (masks_required) {
-    TORCH_CHECK(masks.size() == n, op, ": masks must hold one tensor per ema tensor (", n, "), got ",
-                masks.size());
-  } else {
-    TORCH_CHECK(masks.empty() || masks.size() == n, op,
-                ": masks must be empty or hold one tensor per ema tensor (", n, "), got ", masks.size());
-  }
-  ScoreInputs inputs{{}, !uncertainty.empty(), !masks.empty()};
-  inputs.sources.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    const std::string ema_name = indexed("ema", i);
-    check_float_state(ema[i], ema_name.c_str());
-    check_same_device(ema[i], ema[0], ema_name.c_str(), "ema[0]");
+  const ScoreListLayout layout = check_score_lists(op, ema, uncertainty, masks, masks_required);
+  ScoreInputs inputs{{}, layout.has_uncertainty, layout.has_mask};
+  inputs.sources.reserve(ema.size());
+  for (size_t i = 0; i < ema.size(); ++i) {
     ScoreSource source{ema[i].const_data_ptr<float>(), nullptr, nullptr, ema[i].numel()};
-    if (inputs.has_uncertainty) {
-      const std::string name = indexed("uncertainty", i);
-      check_float_state(uncertainty[i], name.c_str());
-      check_same_shape(uncertainty[i], ema[i], name.c_str(), ema_name.c_str());
-      check_same_device(uncertainty[i], ema[i], name.c_str(), ema_name.c_str());
-      source.uncertainty = uncertainty[i].const_data_ptr<float>();
-    }
-    if (inputs.has_mask) {
-      const std::string name = indexed("masks", i);
-      check_mask(masks[i], ema[i], name.c_str(), ema_name.c_str());
-      source.mask = static_cast<const uint8_t*>(masks[i].const_data_ptr());
-    }
+    if (inputs.has_uncertainty) source.uncertainty = uncertainty[i].const_data_ptr<float>();
+    if (inputs.has_mask) source.mask = static_cast<const uint8_t*>(masks[i].const_data_ptr());
     inputs.sources.push_back(source);
   }
   return inputs;
@@ -345,27 +324,14 @@ void apply_threshold_mask_cpu(at::TensorList masks, at::TensorList weights, at::
                               const at::Tensor& ties_to_keep) {
   const char* op = "apply_threshold_mask_";
   const ScoreInputs inputs = check_score_inputs(op, ema, uncertainty, masks, true);
-  TORCH_CHECK(weights.size() == ema.size(), op, ": weights must hold one tensor per ema tensor (", ema.size(),
-              "), got ", weights.size());
+  check_apply_targets(op, weights, ema, threshold, ties_to_keep);
   std::vector<MaskTarget> targets;
   std::vector<ChunkVisit> visits;
   for (size_t i = 0; i < weights.size(); ++i) {
-    const std::string name = indexed("weights", i);
-    const std::string ema_name = indexed("ema", i);
-    check_floating(weights[i], name.c_str());
-    check_same_shape(weights[i], ema[i], name.c_str(), ema_name.c_str());
-    check_same_device(weights[i], ema[i], name.c_str(), ema_name.c_str());
-    TORCH_CHECK(weights[i].is_contiguous(), name, " must be contiguous");
     targets.push_back({static_cast<uint8_t*>(masks[i].mutable_data_ptr()), weights[i].mutable_data_ptr()});
     visits.push_back(inputs.has_uncertainty ? chunk_visit_for_width<true>(weights[i].element_size())
                                             : chunk_visit_for_width<false>(weights[i].element_size()));
   }
-  TORCH_CHECK(threshold.dim() == 0 && at::isFloatingType(threshold.scalar_type()), op,
-              ": threshold must be a 0-d floating-point tensor, got ", threshold.dim(), "-d ",
-              threshold.scalar_type());
-  TORCH_CHECK(ties_to_keep.dim() == 0 && at::isIntegralType(ties_to_keep.scalar_type(), /*includeBool=*/false), op,
-              ": ties_to_keep must be a 0-d integer tensor, got ", ties_to_keep.dim(), "-d ",
-              ties_to_keep.scalar_type());
   // Compared in float32 like the reference, which rounds the threshold to float32.
   const float threshold_value = static_cast<float>(threshold.item<double>());
   const int64_t ties_budget = ties_to_keep.item<int64_t>();
