@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv install dev test test-fast demo cuda-check bench-ops clean
 
-$(VENV)/.deps: constraints.txt pyproject.toml
+$(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
@@ -19,11 +19,11 @@ $(VENV)/.deps: constraints.txt pyproject.toml
 venv: $(VENV)/.deps
 
 # Wheel install of the package (extension built against the venv's torch) with the test extras.
-install: venv
+install: | $(VENV)/.deps
 	$(PIP) install --no-build-isolation ".[test,data,plot]"
 
 # In-place development build: compiles lrsparse/_C into python/lrsparse (use with PYTHONPATH=python).
-dev: venv
+dev: | $(VENV)/.deps
 	$(PY) -m cmake -S . -B build/dev -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \
 	    -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) -DLRSPARSE_CUDA=$${LRSPARSE_CUDA:-AUTO} >/dev/null
 	$(PY) -m cmake --build build/dev

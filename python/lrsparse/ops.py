@@ -151,18 +151,20 @@ def mixed_rank_linear(
 
 
 @torch.library.register_fake("lrsparse::mixed_rank_linear")
-def _mixed_rank_linear_fake(x, U, V, bias, sparse_weight, sparse_mask, alpha):
+def _mixed_rank_linear_fake(x, U, V, bias=None, sparse_weight=None, sparse_mask=None, alpha=1.0):
+    # Defaults as in the schema: the dispatcher drops trailing arguments equal to their defaults.
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
 @torch.library.register_fake("lrsparse::mixed_rank_linear_backward")
 def _mixed_rank_linear_backward_fake(grad_out, x, U, V, sparse_weight, sparse_mask, alpha, output_mask):
+    # The CPU/CUDA kernels return contiguous gradients whatever the layout of the inputs.
     grads = (
-        torch.empty_like(x),
-        torch.empty_like(U),
-        torch.empty_like(V),
+        x.new_empty(x.shape),
+        U.new_empty(U.shape),
+        V.new_empty(V.shape),
         grad_out.new_empty((U.shape[0],)),
-        torch.empty_like(sparse_weight) if sparse_weight is not None else None,
+        sparse_weight.new_empty(sparse_weight.shape) if sparse_weight is not None else None,
     )
     return tuple(g if needed else None for g, needed in zip(grads, output_mask))
 
@@ -176,7 +178,9 @@ def _mixed_rank_linear_setup_context(ctx, inputs, output):
 
 def _mixed_rank_linear_backward(ctx, grad_out):
     x, U, V, sparse_weight, sparse_mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    # The dispatcher drops trailing arguments equal to their defaults (e.g. bias=None, ..., alpha=1.0) before
+    # autograd sees them, so needs_input_grad can be shorter than the schema: absent means not needed.
+    needs = (*ctx.needs_input_grad, *[False] * 5)[:5]
     output_mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias, needs[4] and sparse_weight is not None]
     grad_x, grad_U, grad_V, grad_bias, grad_sparse = _ops.mixed_rank_linear_backward(
         grad_out, x, U, V, sparse_weight, sparse_mask, ctx.alpha, output_mask
