@@ -246,6 +246,14 @@ def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
+@torch.no_grad()
+def _relative_error(weight: Tensor, U: Tensor, V: Tensor) -> float:
+    """||W - U V||_F / ||W||_F; a fully pruned W (norm 0) reports the absolute error ||U V||_F instead."""
+    residual = float(torch.linalg.matrix_norm(weight.double() - U.double() @ V.double()))
+    norm = float(torch.linalg.matrix_norm(weight.double()))
+    return residual / norm if norm > 0 else residual
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -333,9 +341,7 @@ def factorize_model(
     for name, module in resolved.items():
         weight = module.weight
         U, V = factorize_matrix(weight, ranks[name], method, **inputs[name], **solver_options, **omega_options)
-        with torch.no_grad():
-            residual = torch.linalg.matrix_norm(weight.float() - U.float() @ V.float())
-            relative_error = float(residual / torch.linalg.matrix_norm(weight.float()).clamp_min(1e-30))
+        relative_error = _relative_error(weight, U, V)
         mask = inputs[name]["mask"]
         mixed = MixedRankLinear(U, V, module.bias, weight, None if mask is None else mask.clone(), method=method)
         mixed.train(module.training)
