@@ -204,7 +204,7 @@ def test_factorize_model_with_pruner_builds_mixed_layers_from_the_pruned_weights
         assert layer.sparse_weight is weights[report.name] and torch.equal(layer.sparse_mask, masks[report.name])
         assert report.rank == layer.rank == expected_ranks[report.name]
         assert report["density"] == pytest.approx(float(masks[report.name].float().mean()))
-        w = weights[report.name].double()
+        w = weights[report.name].detach().double()
         residual = torch.linalg.matrix_norm(w - layer.U.double() @ layer.V.double())
         norm = torch.linalg.matrix_norm(w)
         assert report.relative_error == pytest.approx(float(residual / norm) if norm > 0 else float(residual), rel=1e-4)
