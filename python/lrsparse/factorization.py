@@ -1,0 +1,354 @@
+"""Factorizing (pruned) weight matrices into low-rank ``U V`` and swapping them into the model.
+
+Methods
+-------
+``svd``
+    Truncated SVD of the weight (the pruned weight when there is a mask): the best rank-r fit in Frobenius norm.
+``fwsvd``
+    Fisher-weighted SVD (Hsu et al. 2022): with row importance ``s_i = sqrt(sum_j F_ij)`` (F the empirical Fisher
+    diagonal), ``W ~ diag(1/s) trunc_r(diag(s) W)``, the exact minimizer of ``sum_ij s_i^2 (W - U V)_ij^2``.
+``sparsity-aware``
+    Weighted low-rank fit ``min sum omega * (W - U V)^2`` (ops.weighted_lowrank, EM) of the pruned weight, with
+    ``omega`` high on kept entries in proportion to their importance and small on pruned ones (see
+    :func:`sparsity_aware_omega`): pruned entries were pruned because the loss is insensitive to them, so the
+    factorization should not spend rank on reproducing their zeros, while important kept entries should be met.
+
+Weighting defaults (``pruned_weight``, ``kept_floor``, ``quantile``)
+    Chosen by ``benchmarks/omega_weighting.py``; see the numbers in :func:`sparsity_aware_omega`.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lrsparse import ops
+from lrsparse.layers import MixedRankLinear, _replace_module
+from lrsparse.pruning import FirstOrderPruner, resolve_targets
+
+METHODS = ("sparsity-aware", "svd", "fwsvd")
+ALLOCATIONS = ("budget", "uniform", "energy")
+
+# Defaults of the omega weighting; see sparsity_aware_omega for how they were chosen.
+DEFAULT_PRUNED_WEIGHT = 0.05
+DEFAULT_KEPT_FLOOR = 0.5
+DEFAULT_QUANTILE = 0.9
+
+
+# ---------------------------------------------------------------------------------------------------- rank budget
+def _check_keep(keep: float) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+
+
+def _round_rank(raw: int, multiple: int, full_rank: int) -> int:
+    # Down to a multiple of `multiple` when one fits; otherwise the raw rank itself (still within budget); >= 1.
+    rank = min(raw, full_rank)
+    aligned = (rank // multiple) * multiple
+    return aligned if aligned >= 1 else max(1, rank)
+
+
+def allocate_ranks(
+    shapes_nnz: Mapping[str, tuple[int, int, int]],
+    keep: float,
+    scheme: str = "budget",
+    multiple: int = 1,
+    spectra: Mapping[str, Tensor] | None = None,
+) -> dict[str, int]:
+    """Rank of each matrix ``name -> (m, n, nnz)`` so that the factors (``r (m + n)`` parameters) fit the budget.
+
+    - "budget": ``r_i = floor(nnz_i / (m_i + n_i))``: each layer gets the parameters its pruned matrix kept.
+    - "uniform": ``r_i = floor(keep m_i n_i / (m_i + n_i))``: the same fraction of every layer.
+    - "energy": greedy over all layers on the retained energy (squared singular values in ``spectra``, e.g. of the
+      weighted matrices) per parameter, under the total budget ``keep * sum(m_i n_i)``.
+
+    Ranks are rounded down to a multiple of ``multiple`` (when at least one multiple fits), capped at
+    ``min(m, n)``, and at least 1 (the only case where a budget can be exceeded: one smaller than ``m + n``).
+    """
+    _check_keep(keep)
+    if scheme not in ALLOCATIONS:
+        raise ValueError(f"scheme must be one of {ALLOCATIONS}, got {scheme!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if not shapes_nnz:
+        raise ValueError("shapes_nnz is empty")
+    for name, entry in shapes_nnz.items():
+        if len(entry) != 3 or not all(isinstance(v, int) and v >= 0 for v in entry) or min(entry[:2]) < 1:
+            raise ValueError(f"shapes_nnz[{name!r}] must be (m, n, nnz) of non-negative ints, got {entry!r}")
+    exact_keep = Fraction(keep)  # exact arithmetic: a float floor could land one rank over the budget
+    if scheme == "budget":
+        return {name: _round_rank(nnz // (m + n), multiple, min(m, n)) for name, (m, n, nnz) in shapes_nnz.items()}
+    if scheme == "uniform":
+        return {
+            name: _round_rank(int(exact_keep * m * n // (m + n)), multiple, min(m, n))
+            for name, (m, n, _) in shapes_nnz.items()
+        }
+    if spectra is None or set(spectra) != set(shapes_nnz):
+        raise ValueError("spectra must give the singular values of every matrix for scheme 'energy'")
+    budget = exact_keep * sum(m * n for m, n, _ in shapes_nnz.values())
+    return _allocate_by_energy(shapes_nnz, spectra, budget, multiple)
+
+
+def _allocate_by_energy(shapes_nnz, spectra, budget: Fraction, multiple: int) -> dict[str, int]:
+    energy, cost, full = {}, {}, {}
+    for name, (m, n, _) in shapes_nnz.items():
+        full[name] = min(m, n)
+        values = torch.as_tensor(spectra[name]).detach().double().flatten()[: full[name]]
+        energy[name] = torch.cat([values.square(), values.new_zeros(full[name] - values.numel())]).tolist()
+        cost[name] = m + n
+
+    def next_rank(name: str, rank: int) -> int:
+        return min((rank // multiple + 1) * multiple, full[name])
+
+    first = {name: min(multiple, full[name]) for name in shapes_nnz}
+    if sum(first[name] * cost[name] for name in shapes_nnz) > budget:
+        first = dict.fromkeys(shapes_nnz, 1)
+    ranks = dict(first)
+    spent = sum(ranks[name] * cost[name] for name in shapes_nnz)
+
+    # Max-heap on retained energy per parameter of each layer's next chunk of ranks; singular values decrease, so
+    # a layer's later chunks never beat its earlier ones and greedy order is the order of the LP relaxation.
+    heap = []
+
+    def push(name: str) -> None:
+        rank = ranks[name]
+        if rank < full[name]:
+            upper = next_rank(name, rank)
+            gain = sum(energy[name][rank:upper])
+            heapq.heappush(heap, (-gain / ((upper - rank) * cost[name]), name, upper))
+
+    for name in shapes_nnz:
+        push(name)
+    while heap:
+        _, name, upper = heapq.heappop(heap)
+        extra = (upper - ranks[name]) * cost[name]
+        if spent + extra > budget:
+            continue  # this layer's chunk does not fit; smaller chunks of other layers may
+        ranks[name], spent = upper, spent + extra
+        push(name)
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------- weighting
+def sparsity_aware_omega(
+    weight: Tensor,
+    mask: Tensor | None = None,
+    importance: Tensor | None = None,
+    *,
+    pruned_weight: float = DEFAULT_PRUNED_WEIGHT,
+    kept_floor: float = DEFAULT_KEPT_FLOOR,
+    quantile: float = DEFAULT_QUANTILE,
+) -> Tensor:
+    """Weights in [0, 1] for the sparsity-aware fit of ``weight``.
+
+    Pruned entries (``mask`` 0; without a mask, the zeros of ``weight``) get ``pruned_weight``. Kept entries get
+    ``kept_floor + (1 - kept_floor) * min(1, importance / q)`` with ``q`` the ``quantile`` of the importance over
+    the kept entries: a per-matrix normalization robust to the heavy tail of PLATON scores (the top entries do not
+    flatten the rest), clipped so omega stays <= 1 as the EM iteration requires. Without importance, kept entries
+    get 1. Negative importance (movement scores) counts as 0.
+    """
+    for value, name in ((pruned_weight, "pruned_weight"), (kept_floor, "kept_floor"), (quantile, "quantile")):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    kept = (weight != 0) if mask is None else mask.bool()
+    if tuple(kept.shape) != tuple(weight.shape):
+        raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(kept.shape)}")
+    kept_omega = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
+    if importance is not None:
+        if tuple(importance.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"importance must have the shape of weight {tuple(weight.shape)}, got {tuple(importance.shape)}"
+            )
+        score = importance.detach().float().clamp_min(0)
+        live = score[kept]
+        if live.numel():
+            # kthvalue rather than torch.quantile, which refuses inputs above 2^24 entries.
+            position = min(live.numel(), max(1, int(round(quantile * live.numel()))))
+            scale = float(live.kthvalue(position).values)
+            if scale > 0:
+                kept_omega = kept_floor + (1.0 - kept_floor) * (score / scale).clamp_max(1.0)
+    return torch.where(kept, kept_omega, torch.full_like(kept_omega, float(pruned_weight))).contiguous()
+
+
+def fisher_row_scale(fisher_rows: Tensor, out_features: int) -> Tensor:
+    """FWSVD row scale ``sqrt(sum_j F_ij)`` from the Fisher matrix (``m x n``) or its row sums (``m``)."""
+    rows = fisher_rows.detach().double()
+    if rows.dim() == 2:
+        rows = rows.sum(dim=1)
+    if rows.dim() != 1 or rows.numel() != out_features:
+        raise ValueError(
+            f"fisher_rows must be the Fisher matrix ({out_features} x in) or its {out_features} row sums, "
+            f"got shape {tuple(fisher_rows.shape)}"
+        )
+    if not bool(torch.isfinite(rows).all()) or bool((rows < 0).any()) or float(rows.max()) <= 0:
+        raise ValueError("fisher_rows must be finite, non-negative and not all zero")
+    scale = rows.sqrt()
+    # Rows without any Fisher mass would divide by zero; they get a negligible (not zero) weight instead.
+    return scale.clamp_min(float(scale.max()) * 1e-6).float()
+
+
+# ---------------------------------------------------------------------------------------------------- one matrix
+def factorize_matrix(
+    weight: Tensor,
+    rank: int,
+    method: str = "sparsity-aware",
+    mask: Tensor | None = None,
+    importance: Tensor | None = None,
+    fisher_rows: Tensor | None = None,
+    *,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    seed: int = 0,
+    **omega_options,
+) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors ``U (m x r)``, ``V (r x n)`` of ``weight`` (in its dtype) by ``method``.
+
+    ``mask``/``importance`` feed the sparsity-aware omega (``omega_options``: see :func:`sparsity_aware_omega`);
+    ``fisher_rows`` is required by "fwsvd". ``max_iters``/``tol``/``seed`` go to ops.weighted_lowrank's EM.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    m, n = weight.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be an int in [1, {min(m, n)}], got {rank!r}")
+    if omega_options and method != "sparsity-aware":
+        raise TypeError(f"omega options {sorted(omega_options)} only apply to method 'sparsity-aware'")
+    work = weight.detach().float().contiguous()
+    solver = {"max_iters": max_iters, "tol": tol, "seed": seed}
+    if method == "svd":
+        U, V = ops.weighted_lowrank(work, rank, None, **solver)
+    elif method == "fwsvd":
+        if fisher_rows is None:
+            raise ValueError("fisher_rows is required for method 'fwsvd' (the Fisher information of the weight)")
+        scale = fisher_row_scale(fisher_rows, m).to(work.device)
+        U, V = ops.weighted_lowrank((scale[:, None] * work).contiguous(), rank, None, **solver)
+        U = U / scale[:, None]
+    else:
+        omega = sparsity_aware_omega(work, mask, importance, **omega_options)
+        U, V = ops.weighted_lowrank(work, rank, omega, **solver)
+    return U.to(weight.dtype).contiguous(), V.to(weight.dtype).contiguous()
+
+
+def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_options) -> Tensor:
+    """Singular values of the matrix each method actually truncates (energy allocation compares these)."""
+    work = weight.detach().float()
+    if method == "fwsvd":
+        work = fisher_row_scale(fisher_rows, work.shape[0]).to(work.device)[:, None] * work
+    elif method == "sparsity-aware":
+        work = sparsity_aware_omega(work, mask, importance, **omega_options).sqrt() * work
+    return torch.linalg.svdvals(work)
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+@torch.no_grad()
+def _relative_error(weight: Tensor, U: Tensor, V: Tensor) -> float:
+    """||W - U V||_F / ||W||_F; a fully pruned W (norm 0) reports the absolute error ||U V||_F instead."""
+    residual = float(torch.linalg.matrix_norm(weight.double() - U.double() @ V.double()))
+    norm = float(torch.linalg.matrix_norm(weight.double()))
+    return residual / norm if norm > 0 else residual
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    density: float
+    rank: int
+    method: str
+    relative_error: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __getitem__(self, key: str):
+        # Readable as a mapping too (report["rank"]), as report.json consumers expect.
+        return getattr(self, key)
+
+
+def factorize_model(
+    model: nn.Module,
+    keep: float,
+    method: str = "sparsity-aware",
+    allocation: str = "budget",
+    rank_multiple: int = 1,
+    pruner: FirstOrderPruner | None = None,
+    targets: Mapping[str, nn.Module] | Iterable[str] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+    omega_options: Mapping | None = None,
+    solver_options: Mapping | None = None,
+) -> list[LayerReport]:
+    """Replaces each target nn.Linear by a MixedRankLinear holding its rank-r factorization.
+
+    The sparse path is the layer's own weight Parameter (pruned in place by ``pruner``, or by
+    :func:`lrsparse.pruning.magnitude_prune` whose ``masks`` are passed) with its mask, or the dense weight and no
+    mask when neither is given. Ranks come from :func:`allocate_ranks` with ``nnz`` = kept entries (pruned) or
+    ``keep * m * n`` (dense). "sparsity-aware" takes importance from ``pruner.scores``; "fwsvd" needs a pruner with
+    ``track_fisher=True`` (a pruner with final_density=1 collects Fisher information without pruning).
+    Create the optimizer for mixed-rank fine-tuning after this call.
+    """
+    _check_keep(keep)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if pruner is not None and masks is not None:
+        raise ValueError("pass either pruner or masks, not both")
+    if pruner is not None:
+        resolved = dict(pruner.targets) if targets is None else resolve_targets(model, targets)
+        masks = pruner.masks
+    else:
+        resolved = resolve_targets(model, targets)
+    if method == "fwsvd" and (pruner is None or not pruner.track_fisher):
+        raise ValueError("method 'fwsvd' needs Fisher information: pass a pruner created with track_fisher=True")
+    omega_options = dict(omega_options or {})
+    solver_options = dict(solver_options or {})
+    if omega_options and method != "sparsity-aware":
+        raise ValueError(f"omega_options only apply to method 'sparsity-aware', got method {method!r}")
+
+    layer_masks = {}
+    shapes_nnz = {}
+    for name, module in resolved.items():
+        if type(module) is not nn.Linear:
+            raise TypeError(f"target {name!r} must be an nn.Linear, got {type(module).__name__}")
+        if masks is not None and name not in masks:
+            raise ValueError(f"masks has no entry for target {name!r}")
+        layer_masks[name] = None if masks is None else masks[name]
+        m, n = module.weight.shape
+        nnz = int(layer_masks[name].sum()) if masks is not None else int(Fraction(keep) * m * n)
+        shapes_nnz[name] = (m, n, nnz)
+
+    def statistics(name: str) -> dict:
+        # Computed per layer when needed: holding every layer's scores at once would double the model's memory.
+        return {
+            "mask": layer_masks[name],
+            "importance": pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None,
+            "fisher_rows": pruner.fisher(name) if method == "fwsvd" else None,
+        }
+
+    spectra = None
+    if allocation == "energy":
+        spectra = {
+            name: _spectrum(resolved[name].weight, method, **statistics(name), omega_options=omega_options)
+            for name in resolved
+        }
+    ranks = allocate_ranks(shapes_nnz, keep, allocation, rank_multiple, spectra)
+
+    reports = []
+    for name, module in resolved.items():
+        weight, mask = module.weight, layer_masks[name]
+        U, V = factorize_matrix(weight, ranks[name], method, **statistics(name), **solver_options, **omega_options)
+        relative_error = _relative_error(weight, U, V)
+        mixed = MixedRankLinear(U, V, module.bias, weight, None if mask is None else mask.clone(), method=method)
+        mixed.train(module.training)
+        _replace_module(model, name, mixed)
+        m, n, nnz = shapes_nnz[name]
+        density = nnz / (m * n) if mask is not None else 1.0
+        reports.append(LayerReport(name, n, m, density, ranks[name], method, relative_error))
+    return reports
