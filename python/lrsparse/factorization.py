@@ -246,6 +246,14 @@ def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
+@torch.no_grad()
+def _relative_error(weight: Tensor, U: Tensor, V: Tensor) -> float:
+    """||W - U V||_F / ||W||_F; a fully pruned W (norm 0) reports the absolute error ||U V||_F instead."""
+    residual = float(torch.linalg.matrix_norm(weight.double() - U.double() @ V.double()))
+    norm = float(torch.linalg.matrix_norm(weight.double()))
+    return residual / norm if norm > 0 else residual
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -304,39 +312,39 @@ def factorize_model(
     if omega_options and method != "sparsity-aware":
         raise ValueError(f"omega_options only apply to method 'sparsity-aware', got method {method!r}")
 
-    inputs = {}
+    layer_masks = {}
     shapes_nnz = {}
     for name, module in resolved.items():
         if type(module) is not nn.Linear:
             raise TypeError(f"target {name!r} must be an nn.Linear, got {type(module).__name__}")
-        mask = None if masks is None else masks.get(name)
-        if masks is not None and mask is None:
+        if masks is not None and name not in masks:
             raise ValueError(f"masks has no entry for target {name!r}")
+        layer_masks[name] = None if masks is None else masks[name]
         m, n = module.weight.shape
-        nnz = int(mask.sum()) if mask is not None else int(Fraction(keep) * m * n)
-        inputs[name] = {
-            "mask": mask,
+        nnz = int(layer_masks[name].sum()) if masks is not None else int(Fraction(keep) * m * n)
+        shapes_nnz[name] = (m, n, nnz)
+
+    def statistics(name: str) -> dict:
+        # Computed per layer when needed: holding every layer's scores at once would double the model's memory.
+        return {
+            "mask": layer_masks[name],
             "importance": pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None,
             "fisher_rows": pruner.fisher(name) if method == "fwsvd" else None,
         }
-        shapes_nnz[name] = (m, n, nnz)
 
     spectra = None
     if allocation == "energy":
         spectra = {
-            name: _spectrum(resolved[name].weight, method, **inputs[name], omega_options=omega_options)
+            name: _spectrum(resolved[name].weight, method, **statistics(name), omega_options=omega_options)
             for name in resolved
         }
     ranks = allocate_ranks(shapes_nnz, keep, allocation, rank_multiple, spectra)
 
     reports = []
     for name, module in resolved.items():
-        weight = module.weight
-        U, V = factorize_matrix(weight, ranks[name], method, **inputs[name], **solver_options, **omega_options)
-        with torch.no_grad():
-            residual = torch.linalg.matrix_norm(weight.float() - U.float() @ V.float())
-            relative_error = float(residual / torch.linalg.matrix_norm(weight.float()).clamp_min(1e-30))
-        mask = inputs[name]["mask"]
+        weight, mask = module.weight, layer_masks[name]
+        U, V = factorize_matrix(weight, ranks[name], method, **statistics(name), **solver_options, **omega_options)
+        relative_error = _relative_error(weight, U, V)
         mixed = MixedRankLinear(U, V, module.bias, weight, None if mask is None else mask.clone(), method=method)
         mixed.train(module.training)
         _replace_module(model, name, mixed)

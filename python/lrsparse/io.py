@@ -84,7 +84,10 @@ def save_compressed(
     if config is None or not hasattr(config, "save_pretrained"):
         raise TypeError(f"model must be a transformers PreTrainedModel with a config, got {type(model).__name__}")
     if extra is not None:
-        json.dumps(extra)  # fail before writing anything if extra is not JSON-serializable
+        try:
+            json.dumps(extra)  # fail before writing anything
+        except TypeError as exc:
+            raise TypeError(f"extra must be JSON-serializable: {exc}") from exc
 
     state = model.state_dict()
     aliases = _shared_storage_aliases(state)

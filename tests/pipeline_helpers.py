@@ -1,0 +1,44 @@
+"""Small models and training loops shared by the pipeline-core tests."""
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+VOCAB = 100
+
+# These tests run tiny matrices on a shared 2-core machine: intra-op threads only add spin-wait (measured 100x slower
+# per tiny linear under load with 2 threads than with 1).
+torch.set_num_threads(1)
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, num_labels=2)
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**overrides))
+
+
+def random_batches(count: int, seed: int = 1, batch: int = 4, length: int = 8) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(0, VOCAB, (batch, length), generator=gen),
+         "labels": torch.randint(0, 2, (batch,), generator=gen)}
+        for _ in range(count)
+    ]
+
+
+def train(model, optimizer, batches, after_step=None) -> None:
+    """loss.backward(); optimizer.step(); after_step(); optimizer.zero_grad() for each batch."""
+    model.train()
+    for batch in batches:
+        model(**batch).loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        optimizer.zero_grad()
