@@ -266,3 +266,33 @@ def test_trained_head_detection(minilm_path):
     assert has_trained_head(classifier, get_task("sst2"))
     assert not has_trained_head(classifier, get_task("stsb"))  # a 2-way head is no regression head
     assert not has_trained_head(classifier, get_task("mnli"))
+
+
+@pytest.mark.parametrize("method", ["prune-only", "magnitude-svd", "fwsvd"])
+def test_baseline_methods_end_to_end(method, tmp_path, data_dir, minilm_path):
+    from lrsparse.io import load_compressed
+
+    output = tmp_path / "run"
+    argv = compress_argv(data_dir, minilm_path, output, "--method", method)
+    argv[argv.index("--max-train-samples") + 1] = "16"
+    argv[argv.index("--max-eval-samples") + 1] = "16"
+    run = CompressionRun(config_from_args(build_parser().parse_args(argv)))
+    report = validate_report(run.run())
+    names = [s["name"] for s in report["stages"]]
+    model = load_compressed(output / "model")
+    targets = [layer["name"] for layer in report["layers"]]
+    if method == "prune-only":
+        assert names == ["dense", "prune"]
+        assert all(layer["rank"] is None for layer in report["layers"])
+        # The saved sparse model keeps exactly round(keep * total) target weights.
+        weights = [model.get_submodule(name).weight for name in targets]
+        total = sum(w.numel() for w in weights)
+        assert sum(int(torch.count_nonzero(w)) for w in weights) == round(KEEP * total)
+        assert report["params"]["target_compressed"] == round(KEEP * total) + sum(
+            model.get_submodule(name).bias.numel() for name in targets)
+    else:
+        assert names == ["dense", "prune" if method == "magnitude-svd" else "finetune", "factorize", "mixed_rank"]
+        assert report["factorization"] == ("svd" if method == "magnitude-svd" else "fwsvd")
+        assert report["stages"][1]["density"] == pytest.approx(KEEP if method == "magnitude-svd" else 1.0)
+        assert all(type(model.get_submodule(name)).__name__ == "LowRankLinear" for name in targets)
+    assert report["final_metrics"] == report["stages"][-1]["metrics"]
