@@ -88,6 +88,22 @@ def test_missing_file_names_the_expected_path(tmp_path):
         validate_glue_files("sst2", tmp_path)
 
 
+def test_data_dir_one_level_too_high_gets_a_hint(data_dir):
+    with pytest.raises(FileNotFoundError, match="data_dir must be the folder that holds the task folders"):
+        load_glue("sst2", "dev", data_dir)  # the shared folder holds glue/SST-2, not SST-2
+
+
+def test_hub_failure_is_a_clear_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"could not load glue/sst2 from the hub .*--data-dir"):
+        load_glue("sst2", "train")
+
+
 def test_missing_column(tmp_path):
     _write(tmp_path, "SST-2", "train", "sentence\tpolarity\ngood \t1\n")
     with pytest.raises(ValueError, match=r"column\(s\) \['label'\] missing"):

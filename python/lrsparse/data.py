@@ -203,7 +203,13 @@ def _read_hub(spec: GlueTask, split: str) -> GlueSplit:
         import datasets
     except ImportError as exc:  # the hub path is optional; local TSVs need nothing extra
         raise ImportError("loading GLUE from the hub needs `pip install datasets` (or pass data_dir)") from exc
-    rows = datasets.load_dataset("glue", spec.name, split=spec.hub_splits[split])
+    try:
+        rows = datasets.load_dataset("glue", spec.name, split=spec.hub_splits[split])
+    except Exception as exc:  # offline, unknown config, hub errors: all mean "no data", say how to fix it
+        raise ValueError(
+            f"could not load glue/{spec.name} from the hub ({type(exc).__name__}: {exc}); pass data_dir "
+            "(--data-dir) with local GLUE TSVs instead"
+        ) from exc
     columns = [list(rows[name]) for name in spec.hub_text_fields]
     labels = list(rows["label"])
     where = f"hub glue/{spec.name} {spec.hub_splits[split]}"
@@ -243,7 +249,14 @@ def load_glue(
     _check_split(spec, split)
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-    examples = _read_hub(spec, split) if data_dir is None else _read_tsv(spec, split, task_file(spec, split, data_dir))
+    if data_dir is None:
+        examples = _read_hub(spec, split)
+    else:
+        path = task_file(spec, split, data_dir)
+        if not path.is_file() and task_file(spec, split, Path(data_dir) / "glue").is_file():
+            raise FileNotFoundError(f"{path} not found, but {Path(data_dir) / 'glue'} has {spec.dir_name}: "
+                                    "data_dir must be the folder that holds the task folders")
+        examples = _read_tsv(spec, split, path)
     if max_samples is not None and max_samples < len(examples):
         examples = examples.select(subsample_indices(len(examples), max_samples, seed))
     return examples
