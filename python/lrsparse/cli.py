@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from lrsparse.data import GLUE_TASKS
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}
     try:
         return handlers[args.command](args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         if args.log_level == "DEBUG":
             raise

@@ -526,14 +526,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stage_seed: int, desc: str,
-          collate, device: torch.device, after_step: Callable[[], None] | None = None,
+          collate, device: torch.device,
           make_after_step: Callable[[torch.optim.Optimizer], Callable[[], None]] | None = None) -> dict:
-    """``steps`` AdamW steps with linear warmup/decay; ``after_step`` runs after each optimizer step (pruning,
-    alpha schedule). Steps with a non-finite loss are skipped and counted."""
+    """``steps`` AdamW steps with linear warmup/decay. ``make_after_step(optimizer)`` returns the hook run after
+    each optimizer step, before the gradients are cleared (pruner.step, the alpha schedule); it gets the optimizer
+    because the mixed-rank scheduler drops the sparse weights from it. Steps with a non-finite loss are skipped and
+    counted."""
     model.train()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
-    if make_after_step is not None:
-        after_step = make_after_step(optimizer)
+    after_step = None if make_after_step is None else make_after_step(optimizer)
     scheduler = _linear_schedule(optimizer, steps, config.warmup_ratio)
     batches = _batches(dataset, config.batch_size, collate, stage_seed)
     skipped, loss_sum = 0, 0.0
@@ -717,7 +718,8 @@ class CompressionRun:
         state.pruner = self._new_pruner(state.model)
         name = "prune" if self.config.method not in ("svd", "fwsvd") else "finetune"
         stats = train(state.model, self.train_set, self.config, self.steps["prune"], stage_seed, name,
-                      self.collate, self.device, after_step=None if state.pruner is None else state.pruner.step)
+                      self.collate, self.device,
+                      make_after_step=None if state.pruner is None else lambda optimizer: state.pruner.step)
         extra = dict(stats)
         if state.pruner is not None:
             extra["density"] = state.pruner.density()
