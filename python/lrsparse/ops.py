@@ -54,7 +54,11 @@ def accumulate_importance_(
 
 
 @torch.library.register_fake("lrsparse::accumulate_importance_")
-def _accumulate_importance_fake(ema, uncertainty, weight, grad, mask, fisher, beta1, beta2, beta_fisher, criterion):
+def _accumulate_importance_fake(
+    ema, uncertainty, weight, grad, mask=None, fisher=None, beta1=0.85, beta2=0.95, beta_fisher=0.99,
+    criterion="sensitivity",
+):
+    # Defaults as in the schema: the dispatcher drops trailing arguments equal to their defaults.
     return None
 
 

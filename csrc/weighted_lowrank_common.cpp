@@ -1,0 +1,166 @@
+// Device-generic algorithm of weighted_lowrank (ATen ops only) and its autograd registration.
+//
+//  * omega absent: truncated SVD from the float64 Gram matrix of the shorter side (see truncated_svd).
+//  * omega present: EM (Srebro & Jaakkola 2003) in a right basis Qr (n x c, orthonormal columns): Z = X Qr is
+//    small (m x c), and its thin SVD Z = Uz s Vz^T gives the best rank-r fit of X whose row space lies in
+//    span(Qr): Uz_r s_r (Vz_r^T Qr^T). The fill X = L + omega (W - L) majorizes the weighted error at L, so any
+//    rank-r L' with ||X - L'|| <= ||X - L|| lowers it; keeping span(V) inside the next basis makes the restricted
+//    fit at least that good (error non-increasing), and the power directions X^T Uz refine the basis. When the
+//    basis would approach min(m, n) the small SVD saves nothing, and an exact thin SVD of X is used instead.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "weighted_lowrank.h"
+
+namespace lrsparse {
+namespace {
+
+// Exact SVD once the basis holds this fraction of min(m, n): the small-matrix SVD and QR then cost as much as it.
+constexpr double kExactSvdBasisFraction = 0.5;
+
+struct LowRankFactors {
+  at::Tensor U, V;
+};
+
+// Splits the singular values evenly: U = Uz_r sqrt(s_r), V = sqrt(s_r) Vh_r.
+LowRankFactors split_singular_values(const at::Tensor& u, const at::Tensor& s, const at::Tensor& vh, int64_t rank) {
+  const at::Tensor root = s.narrow(0, 0, rank).sqrt();
+  return {u.narrow(1, 0, rank) * root, root.unsqueeze(1) * vh.narrow(0, 0, rank)};
+}
+
+at::Tensor orthonormal_columns(const at::Tensor& a) { return std::get<0>(at::linalg_qr(a, "reduced")); }
+
+// Gaussian test matrix drawn on the CPU from a generator seeded with `seed`: identical on every device.
+at::Tensor seeded_gaussian(int64_t rows, int64_t cols, int64_t seed, const at::TensorOptions& options) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  return at::randn({rows, cols}, generator, at::TensorOptions().dtype(at::kFloat)).to(options);
+}
+
+// Right basis for the first iteration: one power step on a seeded random start.
+at::Tensor initial_right_basis(const at::Tensor& x, int64_t columns, int64_t seed) {
+  const at::Tensor left = orthonormal_columns(at::mm(x, seeded_gaussian(x.size(1), columns, seed, x.options())));
+  return orthonormal_columns(at::mm(x.t(), left));
+}
+
+struct RestrictedFit {
+  at::Tensor Uz, s, Vh;  // Vh = Vz^T Qr^T (c x n): right singular vectors of the fit in the original coordinates
+};
+
+RestrictedFit fit_in_right_basis(const at::Tensor& x, const at::Tensor& right_basis) {
+  auto [uz, s, vzh] = at::linalg_svd(at::mm(x, right_basis), /*full_matrices=*/false);
+  return {uz, s, at::mm(vzh, right_basis.t())};
+}
+
+// Truncated SVD from the eigendecomposition of the float64 Gram matrix of the shorter side: exact (no iteration)
+// and several times faster than a thin SVD; float64 keeps the tail energy resolved, and the captured energy is
+// second-order insensitive to mixing of nearly equal singular directions.
+LowRankFactors truncated_svd(const at::Tensor& x, int64_t rank) {
+  const bool wide = x.size(0) <= x.size(1);
+  const at::Tensor short_side = (wide ? x : x.t()).to(at::kDouble);  // k x long
+  const at::Tensor eigenvectors = std::get<1>(at::linalg_eigh(at::mm(short_side, short_side.t())));
+  // eigh sorts ascending: the top `rank` directions are the last columns, largest first after the flip.
+  const at::Tensor top = eigenvectors.narrow(1, eigenvectors.size(1) - rank, rank).flip({1}).to(x.scalar_type());
+  const at::Tensor projected = at::mm(top.t(), wide ? x : x.t());  // r x long, rows scaled by the singular values
+  const at::Tensor root = at::linalg_vector_norm(projected, 2, {1}).sqrt();
+  // A zero singular value leaves a zero row in the long factor rather than 0 / 0.
+  const at::Tensor long_factor = projected / at::where(root > 0, root, at::ones_like(root)).unsqueeze(1);
+  const at::Tensor short_factor = top * root;
+  if (wide) return {short_factor, long_factor};
+  return {long_factor.t(), short_factor.t()};
+}
+
+LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t rank, int64_t power_columns,
+                           int64_t max_iters, double tol, int64_t seed, FillAndWeightedErrorFn fill_and_error) {
+  const int64_t k = std::min(w.size(0), w.size(1));
+  const int64_t basis_columns = std::min(rank + power_columns, k);
+  const bool exact = basis_columns >= kExactSvdBasisFraction * k;
+  at::Tensor filled = w.clone();
+  at::Tensor right_basis;
+  if (!exact) right_basis = initial_right_basis(filled, basis_columns, seed);
+  LowRankFactors factors;
+  double previous_error = 0.0;
+  for (int64_t iter = 0; iter < max_iters; ++iter) {
+    at::Tensor uz;
+    if (exact) {
+      auto [u, s, vh] = at::linalg_svd(filled, /*full_matrices=*/false);
+      factors = split_singular_values(u, s, vh, rank);
+    } else {
+      RestrictedFit fit = fit_in_right_basis(filled, right_basis);
+      factors = split_singular_values(fit.Uz, fit.s, fit.Vh, rank);
+      uz = fit.Uz.narrow(1, 0, std::min(power_columns, fit.Uz.size(1)));
+    }
+    const double error = fill_and_error(factors.U, factors.V, w, omega, filled);
+    if (iter > 0 && previous_error - error <= tol * previous_error) break;
+    previous_error = error;
+    if (!exact && iter + 1 < max_iters) {
+      right_basis = orthonormal_columns(at::cat({factors.V.t(), at::mm(filled.t(), uz)}, 1));
+    }
+  }
+  return factors;
+}
+
+void check_all_finite(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), name, " must not contain NaN or Inf");
+}
+
+at::ScalarType compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weight, int64_t rank,
+                                                         const std::optional<at::Tensor>& omega, int64_t max_iters,
+                                                         double tol, int64_t seed, int64_t oversample,
+                                                         FillAndWeightedErrorFn fill_and_weighted_error) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got ", weight.dim(), "-D");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "weight must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t m = weight.size(0), n = weight.size(1), k = std::min(m, n);
+  TORCH_CHECK(rank >= 1 && rank <= k, "rank must be in [1, min(m, n)] = [1, ", k, "], got ", rank);
+  TORCH_CHECK(max_iters >= 1, "max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK(tol >= 0.0, "tol must be >= 0, got ", tol);
+  TORCH_CHECK(oversample >= 0, "oversample must be >= 0, got ", oversample);
+  check_all_finite(weight, "weight");
+  const at::Tensor w = weight.to(compute_dtype(dtype)).contiguous();
+  const int64_t basis_columns = std::min(rank + oversample, k);
+
+  LowRankFactors factors;
+  if (!omega.has_value()) {
+    factors = truncated_svd(w, rank);
+  } else {
+    const at::Tensor& om = *omega;
+    check_same_shape(om, weight, "omega", "weight");
+    check_same_device(om, weight, "omega", "weight");
+    TORCH_CHECK(at::isFloatingType(om.scalar_type()) || om.scalar_type() == at::kBool,
+                "omega must be a floating-point or bool tensor, got ", om.scalar_type());
+    const at::Tensor omega_c = om.to(w.scalar_type()).contiguous();
+    check_all_finite(omega_c, "omega");
+    TORCH_CHECK(((omega_c >= 0) & (omega_c <= 1)).all().item<bool>(), "omega must have all values in [0, 1]");
+    factors = weighted_em(w, omega_c, rank, basis_columns, max_iters, tol, seed, fill_and_weighted_error);
+  }
+  return {factors.U.to(dtype).contiguous(), factors.V.to(dtype).contiguous()};
+}
+
+namespace {
+
+// The op is not differentiable: run it below autograd so its outputs never carry a grad_fn.
+std::tuple<at::Tensor, at::Tensor> weighted_lowrank_no_grad(const at::Tensor& weight, int64_t rank,
+                                                            const std::optional<at::Tensor>& omega,
+                                                            int64_t max_iters, double tol, int64_t seed,
+                                                            int64_t oversample) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lrsparse::weighted_lowrank", "")
+                       .typed<decltype(weighted_lowrank_no_grad)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(weight, rank, omega, max_iters, tol, seed, oversample);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrsparse, Autograd, m) { m.impl("weighted_lowrank", &weighted_lowrank_no_grad); }
+
+}  // namespace lrsparse

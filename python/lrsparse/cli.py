@@ -1,0 +1,160 @@
+"""Command line: ``lrsparse compress | evaluate | inspect``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from lrsparse.data import GLUE_TASKS
+
+log = logging.getLogger("lrsparse")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
+                                   RANK_ALLOCATIONS, default_model)
+
+    parser = argparse.ArgumentParser(prog="lrsparse", description="Low-Rank Prune-And-Factorize compression")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task")
+    compress.add_argument("--model", default=default_model(),
+                          help="checkpoint folder or hub name (default: the bundled all-MiniLM-L6-v2)")
+    compress.add_argument("--task", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    compress.add_argument("--keep", required=True, type=float,
+                          help="fraction of the target layers' parameters to keep, in (0, 1]")
+    compress.add_argument("--output", required=True, help="run folder (checkpoint/, model/, report.json)")
+    compress.add_argument("--data-dir", default=None,
+                          help="folder with <TASK>/{train,dev}.tsv in the GLUE layout (default: the hub)")
+    compress.add_argument("--method", default="lpaf", choices=METHODS)
+    compress.add_argument("--max-train-samples", type=_positive_int, default=None)
+    compress.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    compress.add_argument("--epochs", type=float, default=3.0, help="epochs of each training stage")
+    compress.add_argument("--dense-epochs", type=float, default=None, help="override --epochs for dense fine-tuning")
+    compress.add_argument("--prune-epochs", type=float, default=None,
+                          help="override --epochs for fine-tuning with pruning (svd/fwsvd: plain fine-tuning)")
+    compress.add_argument("--mixed-epochs", type=float, default=None,
+                          help="override --epochs for mixed-rank fine-tuning")
+    compress.add_argument("--batch-size", type=_positive_int, default=32)
+    compress.add_argument("--eval-batch-size", type=_positive_int, default=64)
+    compress.add_argument("--lr", type=float, default=1e-4)
+    compress.add_argument("--weight-decay", type=float, default=0.01)
+    compress.add_argument("--warmup-ratio", type=float, default=0.06)
+    compress.add_argument("--max-seq-len", type=int, default=128)
+    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--dense-finetune", choices=DENSE_FINETUNE_MODES, default="auto",
+                          help="auto: only when the checkpoint has no trained head for the task")
+    compress.add_argument("--factorization", choices=FACTORIZATIONS, default=None,
+                          help="default: sparsity-aware for lpaf, svd for svd/magnitude-svd, fwsvd for fwsvd")
+    compress.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default="budget")
+    compress.add_argument("--rank-multiple", type=_positive_int, default=1, help="round ranks down to a multiple")
+    compress.add_argument("--mixed-rank", choices=MIXED_RANK_STRATEGIES, default="blend")
+    compress.add_argument("--blend-fraction", type=float, default=0.5,
+                          help="fraction of mixed-rank fine-tuning over which alpha goes 0 -> 1")
+    compress.add_argument("--delta-t", type=_positive_int, default=10, help="steps between pruning mask updates")
+    compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    compress.add_argument("--resume", action="store_true", help="continue from the last completed stage")
+    compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
+    compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE dev split")
+    evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
+                          "or the run folder)")
+    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
+    evaluate.add_argument("--max-seq-len", type=int, default=128)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the --max-eval-samples subset")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    inspect = commands.add_parser("inspect", help="print the report of a run as tables")
+    inspect.add_argument("run", help="run folder (or its report.json)")
+    inspect.add_argument("--json", action="store_true", help="print the validated report JSON instead")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """The CompressionConfig of parsed ``compress`` arguments (per-stage epochs default to --epochs)."""
+    from lrsparse.pipeline import CompressionConfig
+
+    def epochs(value):
+        return args.epochs if value is None else value
+
+    return CompressionConfig(
+        task=args.task, keep=args.keep, output_dir=args.output, model=args.model, method=args.method,
+        data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        dense_epochs=epochs(args.dense_epochs), prune_epochs=epochs(args.prune_epochs),
+        mixed_epochs=epochs(args.mixed_epochs), batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_seq_len=args.max_seq_len,
+        seed=args.seed, dense_finetune=args.dense_finetune, factorization=args.factorization,
+        rank_allocation=args.rank_allocation, rank_multiple=args.rank_multiple, mixed_rank=args.mixed_rank,
+        blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, resume=args.resume,
+        overwrite=args.overwrite,
+    )
+
+
+def _compress(args) -> int:
+    from lrsparse.pipeline import run_compression
+    from lrsparse.report import format_report
+
+    report = run_compression(config_from_args(args))
+    if not args.no_inspect:
+        print(format_report(report))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from lrsparse.pipeline import evaluate_saved
+
+    model_dir = Path(args.model)
+    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
+        model_dir = model_dir / "model"  # a run folder
+    metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
+                             args.max_seq_len, args.device, args.seed)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.task} dev ({model_dir}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _inspect(args) -> int:
+    from lrsparse.report import format_report, load_report
+
+    report = load_report(args.run)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from lrsparse.pipeline import CheckpointError
+
+    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+        if args.log_level == "DEBUG":
+            raise
+        print(f"lrsparse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

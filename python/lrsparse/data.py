@@ -1,0 +1,306 @@
+"""GLUE task specifications, loaders for the original GLUE TSV files (or the hub), and tokenization.
+
+Local layout: ``<data_dir>/<TASK dir>/{train,dev}.tsv`` exactly as ``download_glue_data.py`` writes it. The files
+are read with ``delimiter='\\t'`` and ``quoting=csv.QUOTE_NONE`` like the GLUE processors (MRPC and STS-B contain
+bare ``"`` characters that a quoting reader would swallow) and with ``utf-8-sig`` so MRPC's byte-order mark does not
+end up in its first column name. Every problem with a file (missing file, missing column, short row, label outside
+the task's label set, empty split) raises before any model work starts, naming the file and row.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "GlueTask",
+    "GLUE_TASKS",
+    "GlueSplit",
+    "get_task",
+    "task_file",
+    "load_glue",
+    "validate_glue_files",
+    "TokenizedDataset",
+    "PaddingCollator",
+]
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """How one GLUE task is stored locally and on the hub, and how it is scored.
+
+    ``text_columns`` / ``label_column`` are header names of the local TSV, or integer column indices when the file
+    has no header (CoLA). ``label_values`` lists the label strings of a classification task in class-id order;
+    regression tasks (``num_labels == 1``) instead accept floats in ``label_range``.
+    """
+
+    name: str
+    dir_name: str
+    text_columns: tuple[str | int, ...]
+    label_column: str | int
+    num_labels: int
+    metrics: tuple[str, ...]
+    main_metric: str
+    has_header: bool = True
+    label_values: tuple[str, ...] = ("0", "1")
+    label_range: tuple[float, float] | None = None
+    split_files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
+    hub_text_fields: tuple[str, ...] = ("sentence1", "sentence2")
+    hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation"})
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+
+_NLI_LABELS = ("entailment", "not_entailment")
+
+# Label order follows the hub's "glue" dataset so that a model fine-tuned on either source predicts the same ids.
+GLUE_TASKS: dict[str, GlueTask] = {
+    task.name: task
+    for task in (
+        GlueTask("sst2", "SST-2", ("sentence",), "label", 2, ("accuracy",), "accuracy", hub_text_fields=("sentence",)),
+        GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1"), "f1"),
+        GlueTask("cola", "CoLA", (3,), 1, 2, ("matthews_corr",), "matthews_corr", has_header=False,
+                 hub_text_fields=("sentence",)),
+        GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", 1, ("pearson", "spearman"), "pearson",
+                 label_values=(), label_range=(0.0, 5.0)),
+        GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", 2, ("accuracy",), "accuracy",
+                 label_values=_NLI_LABELS),
+        GlueTask("qnli", "QNLI", ("question", "sentence"), "label", 2, ("accuracy",), "accuracy",
+                 label_values=_NLI_LABELS, hub_text_fields=("question", "sentence")),
+        GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", 3, ("accuracy",), "accuracy",
+                 label_values=("entailment", "neutral", "contradiction"),
+                 split_files={"train": "train.tsv", "dev": "dev_matched.tsv"},
+                 hub_text_fields=("premise", "hypothesis"),
+                 hub_splits={"train": "train", "dev": "validation_matched"}),
+        GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", 2, ("accuracy", "f1"), "f1",
+                 hub_text_fields=("question1", "question2")),
+        GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", 2, ("accuracy",), "accuracy"),
+    )
+}
+
+
+def get_task(task: str) -> GlueTask:
+    """The spec of ``task`` (case-insensitive; "sst-2" and "SST-2" work too)."""
+    if not isinstance(task, str):
+        raise TypeError(f"task must be a string, got {type(task).__name__}")
+    key = task.lower().replace("-", "")
+    if key not in GLUE_TASKS:
+        raise ValueError(f"task {task!r} is not a GLUE task; expected one of {sorted(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+def _check_split(spec: GlueTask, split: str) -> None:
+    if split not in spec.split_files:
+        raise ValueError(f"split {split!r} is not available for {spec.name}; expected one of {sorted(spec.split_files)}")
+
+
+def task_file(task: str | GlueTask, split: str, data_dir: str | os.PathLike) -> Path:
+    """Path of the local TSV of ``split`` of ``task`` under ``data_dir``."""
+    spec = task if isinstance(task, GlueTask) else get_task(task)
+    _check_split(spec, split)
+    return Path(data_dir) / spec.dir_name / spec.split_files[split]
+
+
+@dataclass
+class GlueSplit:
+    """Examples of one split: one or two texts per example and a class id (int) or score (float) label."""
+
+    task: GlueTask
+    split: str
+    texts_a: list[str]
+    texts_b: list[str] | None
+    labels: list[Any]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: Sequence[int]) -> "GlueSplit":
+        return GlueSplit(
+            self.task,
+            self.split,
+            [self.texts_a[i] for i in indices],
+            None if self.texts_b is None else [self.texts_b[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.source,
+        )
+
+
+def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
+    if spec.is_regression:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{where}: label {raw!r} of {spec.name} is not a number") from None
+        low, high = spec.label_range
+        if not (low <= value <= high):  # also rejects nan
+            raise ValueError(f"{where}: label {value} of {spec.name} is outside [{low}, {high}]")
+        return value
+    try:
+        return spec.label_values.index(raw)
+    except ValueError:
+        raise ValueError(
+            f"{where}: label {raw!r} of {spec.name} is not one of {list(spec.label_values)}"
+        ) from None
+
+
+def _read_tsv(spec: GlueTask, split: str, path: Path) -> GlueSplit:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{spec.name} {split} file not found: {path} (expected the GLUE layout "
+            f"<data_dir>/{spec.dir_name}/{spec.split_files[split]})"
+        )
+    texts: list[list[str]] = [[] for _ in spec.text_columns]
+    labels: list[Any] = []
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if spec.has_header:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path} is empty: the {split} split of {spec.name} has no header and no rows")
+            wanted = (*spec.text_columns, spec.label_column)
+            missing = [name for name in wanted if name not in header]
+            if missing:
+                hint = " (is the file tab-separated?)" if len(header) == 1 else ""
+                raise ValueError(f"{path}: column(s) {missing} missing from the header {header}{hint}")
+            text_idx = [header.index(name) for name in spec.text_columns]
+            label_idx = header.index(spec.label_column)
+        else:
+            text_idx = list(spec.text_columns)
+            label_idx = spec.label_column
+        needed = max(*text_idx, label_idx) + 1
+        for row in reader:
+            line = reader.line_num
+            if not row or row == [""]:
+                continue  # a trailing blank line is not an example
+            where = f"{path} line {line}"
+            if len(row) < needed:
+                raise ValueError(
+                    f"{where} has {len(row)} tab-separated column(s), expected at least {needed} "
+                    "(is the file tab-separated?)"
+                )
+            labels.append(_parse_label(spec, row[label_idx], where))
+            for column, idx in zip(texts, text_idx):
+                column.append(row[idx])
+    if not labels:
+        raise ValueError(f"{path}: the {split} split of {spec.name} has no rows")
+    return GlueSplit(spec, split, texts[0], texts[1] if spec.is_pair else None, labels, str(path))
+
+
+def _read_hub(spec: GlueTask, split: str) -> GlueSplit:
+    try:
+        import datasets
+    except ImportError as exc:  # the hub path is optional; local TSVs need nothing extra
+        raise ImportError("loading GLUE from the hub needs `pip install datasets` (or pass data_dir)") from exc
+    rows = datasets.load_dataset("glue", spec.name, split=spec.hub_splits[split])
+    columns = [list(rows[name]) for name in spec.hub_text_fields]
+    labels = list(rows["label"])
+    where = f"hub glue/{spec.name} {spec.hub_splits[split]}"
+    if not labels:
+        raise ValueError(f"{where} has no rows")
+    if spec.is_regression:
+        labels = [_parse_label(spec, str(value), where) for value in labels]
+    else:
+        bad = [value for value in labels if not 0 <= int(value) < spec.num_labels]
+        if bad:
+            raise ValueError(f"{where}: labels {sorted(set(bad))[:5]} outside [0, {spec.num_labels - 1}]")
+        labels = [int(value) for value in labels]
+    return GlueSplit(spec, split, columns[0], columns[1] if spec.is_pair else None, labels, where)
+
+
+def subsample_indices(total: int, max_samples: int | None, seed: int) -> list[int]:
+    """A seeded random subset of ``range(total)`` kept in file order (all of it when max_samples is None)."""
+    if max_samples is None or max_samples >= total:
+        return list(range(total))
+    if max_samples <= 0:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    return sorted(random.Random(seed).sample(range(total), max_samples))
+
+
+def load_glue(
+    task: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> GlueSplit:
+    """Loads ``split`` ("train" or "dev") of a GLUE task from ``data_dir`` or, when it is None, from the hub.
+
+    ``max_samples`` keeps a seeded random subset (same ``seed`` → same rows), in file order.
+    """
+    spec = get_task(task)
+    _check_split(spec, split)
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    examples = _read_hub(spec, split) if data_dir is None else _read_tsv(spec, split, task_file(spec, split, data_dir))
+    if max_samples is not None and max_samples < len(examples):
+        examples = examples.select(subsample_indices(len(examples), max_samples, seed))
+    return examples
+
+
+def validate_glue_files(task: str, data_dir: str | os.PathLike, splits: Sequence[str] = ("train", "dev")) -> None:
+    """Raises the loader's error for the first missing or malformed split, without tokenizing anything."""
+    for split in splits:
+        load_glue(task, split, data_dir)
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """A GLUE split tokenized once up front (truncated to ``max_seq_len``, unpadded)."""
+
+    def __init__(self, examples: GlueSplit, tokenizer, max_seq_len: int = 128):
+        if max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be at least 8 tokens, got {max_seq_len}")
+        encoded = tokenizer(
+            examples.texts_a,
+            examples.texts_b,
+            truncation=True,
+            max_length=max_seq_len,
+            padding=False,
+        )
+        label_dtype = torch.float32 if examples.task.is_regression else torch.long
+        self.features = []
+        for i, label in enumerate(examples.labels):
+            item = {key: torch.tensor(values[i], dtype=torch.long) for key, values in encoded.items()}
+            item["labels"] = torch.tensor(label, dtype=label_dtype)
+            self.features.append(item)
+        self.task = examples.task
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.features[index]
+
+
+class PaddingCollator:
+    """Pads each batch only to its own longest sequence (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("features must hold at least one example")
+        length = max(int(item["input_ids"].numel()) for item in features)
+        batch: dict[str, torch.Tensor] = {}
+        for key in features[0]:
+            if key == "labels":
+                batch[key] = torch.stack([item[key] for item in features])
+                continue
+            fill = self.pad_token_id if key == "input_ids" else 0
+            out = torch.full((len(features), length), fill, dtype=torch.long)
+            for row, item in enumerate(features):
+                out[row, : item[key].numel()] = item[key]
+            batch[key] = out
+        return batch

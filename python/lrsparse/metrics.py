@@ -1,0 +1,133 @@
+"""GLUE metrics, implemented directly (float64) so the package needs neither scikit-learn nor scipy.
+
+Degenerate inputs follow scikit-learn's conventions where a metric is undefined: F1 and Matthews correlation are 0
+when their denominator is 0, and Pearson/Spearman are 0 for a constant input (a constant predictor carries no
+information, and 0 keeps report.json valid JSON where NaN would not be).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lrsparse.data import get_task
+
+__all__ = ["accuracy", "f1_score", "matthews_corr", "pearson", "spearman", "compute_metrics", "predictions_from_logits"]
+
+
+def _as_vector(values, name: str, dtype=torch.float64) -> torch.Tensor:
+    tensor = torch.as_tensor(values).detach().to("cpu")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    return tensor.to(dtype)
+
+
+def _pair(predictions, labels, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = _as_vector(predictions, "predictions", dtype)
+    gold = _as_vector(labels, "labels", dtype)
+    if pred.numel() != gold.numel():
+        raise ValueError(f"predictions and labels must have the same length, got {pred.numel()} and {gold.numel()}")
+    return pred, gold
+
+
+def accuracy(predictions, labels) -> float:
+    pred, gold = _pair(predictions, labels, torch.long)
+    return float((pred == gold).double().mean())
+
+
+def f1_score(predictions, labels, positive: int = 1) -> float:
+    """Binary F1 of class ``positive``: 2 TP / (2 TP + FP + FN)."""
+    pred, gold = _pair(predictions, labels, torch.long)
+    tp = int(((pred == positive) & (gold == positive)).sum())
+    fp = int(((pred == positive) & (gold != positive)).sum())
+    fn = int(((pred != positive) & (gold == positive)).sum())
+    denominator = 2 * tp + fp + fn
+    return 0.0 if denominator == 0 else 2.0 * tp / denominator
+
+
+def matthews_corr(predictions, labels) -> float:
+    """Matthews correlation (multiclass R_K of Gorodkin 2004, equal to the phi coefficient for two classes)."""
+    pred, gold = _pair(predictions, labels, torch.long)
+    if int(torch.minimum(pred.min(), gold.min())) < 0:
+        raise ValueError("predictions and labels must be non-negative class ids")
+    num_classes = int(torch.maximum(pred.max(), gold.max())) + 1
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    confusion.index_put_((gold, pred), torch.ones_like(gold, dtype=torch.float64), accumulate=True)
+    n = confusion.sum()
+    correct = confusion.trace()
+    true_per_class = confusion.sum(dim=1)
+    pred_per_class = confusion.sum(dim=0)
+    covariance = correct * n - (pred_per_class * true_per_class).sum()
+    denominator = torch.sqrt((n * n - (pred_per_class**2).sum()) * (n * n - (true_per_class**2).sum()))
+    return 0.0 if float(denominator) == 0.0 else float(covariance / denominator)
+
+
+def pearson(predictions, labels) -> float:
+    x, y = _pair(predictions, labels)
+    x = x - x.mean()
+    y = y - y.mean()
+    denominator = torch.sqrt((x * x).sum() * (y * y).sum())
+    return 0.0 if float(denominator) == 0.0 else float((x * y).sum() / denominator)
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks with ties given the mean of the ranks they span (as Spearman's rho needs)."""
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    n = values.numel()
+    # Each run of equal values [start, end) gets rank (start + end + 1) / 2 in 1-based terms.
+    new_run = torch.ones(n, dtype=torch.bool)
+    new_run[1:] = sorted_values[1:] != sorted_values[:-1]
+    run_id = torch.cumsum(new_run.long(), 0) - 1
+    starts = torch.nonzero(new_run).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([n])])
+    run_rank = (starts + ends + 1).double() / 2.0
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = run_rank[run_id]
+    return ranks
+
+
+def spearman(predictions, labels) -> float:
+    x, y = _pair(predictions, labels)
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+_METRICS = {
+    "accuracy": accuracy,
+    "f1": f1_score,
+    "matthews_corr": matthews_corr,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def predictions_from_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Class ids (argmax) for classification tasks, the single output for regression tasks."""
+    spec = get_task(task)
+    logits = torch.as_tensor(logits)
+    if spec.is_regression:
+        if logits.dim() > 2 or (logits.dim() == 2 and logits.shape[1] != 1):
+            raise ValueError(f"logits for regression task {spec.name} must have shape (N,) or (N, 1), got {tuple(logits.shape)}")
+        return logits.reshape(-1).double()
+    if logits.dim() != 2 or logits.shape[1] != spec.num_labels:
+        raise ValueError(f"logits for {spec.name} must have shape (N, {spec.num_labels}), got {tuple(logits.shape)}")
+    return logits.argmax(dim=1)
+
+
+def compute_metrics(task: str, predictions: Sequence | torch.Tensor, labels: Sequence | torch.Tensor) -> dict:
+    """The official metrics of ``task`` plus ``"main"`` (the task's headline metric), all as floats in [-1, 1].
+
+    ``predictions`` are class ids (or a 2-D logits array, which is argmaxed) for classification and scores for
+    regression.
+    """
+    spec = get_task(task)
+    predictions = torch.as_tensor(predictions)
+    if predictions.dim() == 2:
+        predictions = predictions_from_logits(task, predictions)
+    if not spec.is_regression and predictions.is_floating_point():
+        raise ValueError(f"predictions for classification task {spec.name} must be class ids, got floating values")
+    results = {name: _METRICS[name](predictions, labels) for name in spec.metrics}
+    results["main"] = results[spec.main_metric]
+    return results

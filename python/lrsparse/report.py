@@ -1,0 +1,152 @@
+"""``report.json`` of a compression run: building it, checking its schema, and printing it as tables."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPORT_FORMAT = 1
+PARAM_KEYS = ("target_dense", "target_compressed", "non_embedding_dense", "non_embedding_compressed", "total_dense",
+              "total_compressed")
+LAYER_KEYS = ("name", "in_features", "out_features", "density", "rank")
+# Per-stage fields that only matter for resuming, not for readers of the report.
+_CHECKPOINT_FIELDS = ("state_file", "sha256", "state_bytes", "index")
+
+__all__ = ["build_report", "validate_report", "load_report", "format_report", "REPORT_FORMAT"]
+
+
+def build_report(config, manifest: dict, layers: list[dict], compressed: dict, checkpoint_bytes: int,
+                 head_trained: bool, train_examples: int, eval_examples: int, steps: dict) -> dict:
+    """The report of a finished run from its config, checkpoint manifest (stage records) and final model counts."""
+    from lrsparse.pipeline import versions
+
+    dense = manifest["dense_params"]
+    stages = [{k: v for k, v in stage.items() if k not in _CHECKPOINT_FIELDS} for stage in manifest["stages"]]
+    params = {
+        "target_dense": dense["target"], "target_compressed": compressed["target"],
+        "non_embedding_dense": dense["non_embedding"], "non_embedding_compressed": compressed["non_embedding"],
+        "total_dense": dense["total"], "total_compressed": compressed["total"],
+    }
+    return {
+        "format_version": REPORT_FORMAT,
+        "task": config.task,
+        "method": config.method,
+        "keep": config.keep,
+        "seed": config.seed,
+        "model": config.model,
+        "factorization": config.resolved_factorization(),
+        "versions": versions(),
+        "config": {**config.identity(), "device": config.device},
+        "head_trained_before": head_trained,
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
+        "steps": {k: v for k, v in steps.items() if k != "finetune"},
+        "final_metrics": dict(stages[-1]["metrics"]),
+        "stages": stages,
+        "params": params,
+        "layers": [{k: layer.get(k) for k in (*LAYER_KEYS, "method", "relative_error") if k in layer}
+                   for layer in layers],
+        "checkpoint_bytes": checkpoint_bytes,
+    }
+
+
+def _require(mapping: Any, key: str, kind, where: str):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise ValueError(f"report {where} is missing key {key!r}")
+    value = mapping[key]
+    if isinstance(value, bool) or not isinstance(value, kind):  # no schema field is a bool; True is an int
+        raise ValueError(f"report {where}{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def validate_report(report: Any) -> dict:
+    """Raises ValueError naming the first missing or mistyped field of the report schema; returns the report."""
+    number = (int, float)
+    for key, kind in (("task", str), ("method", str), ("keep", number), ("seed", int), ("versions", dict),
+                      ("final_metrics", dict), ("stages", list), ("params", dict), ("layers", list),
+                      ("checkpoint_bytes", int)):
+        _require(report, key, kind, "")
+    _require(report["final_metrics"], "main", number, "final_metrics.")
+    if not report["stages"]:
+        raise ValueError("report stages must not be empty")
+    for i, stage in enumerate(report["stages"]):
+        _require(stage, "name", str, f"stages[{i}].")
+        _require(stage, "seconds", number, f"stages[{i}].")
+        _require(_require(stage, "metrics", dict, f"stages[{i}]."), "main", number, f"stages[{i}].metrics.")
+    for key in PARAM_KEYS:
+        _require(report["params"], key, int, "params.")
+    for i, layer in enumerate(report["layers"]):
+        for key, kind in (("name", str), ("in_features", int), ("out_features", int), ("density", number)):
+            _require(layer, key, kind, f"layers[{i}].")
+        _require(layer, "rank", (int, type(None)), f"layers[{i}].")
+    return report
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Reads and validates ``path`` (a report.json, or the run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a run folder written by `lrsparse compress`")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    return validate_report(report)
+
+
+def _table(headers: list[str], rows: list[list[Any]], align: str) -> list[str]:
+    """Plain-text table; ``align`` has one "<" or ">" per column."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(f"{row[i]:{align[i]}{widths[i]}}" for i in range(len(headers))).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _ratio(compressed: int, dense: int) -> float | None:
+    return compressed / dense if dense else None
+
+
+def format_report(report: dict) -> str:
+    """The report as readable tables: run summary, stages with metrics and seconds, parameters, layers."""
+    versions = report["versions"]
+    lines = [
+        f"lrsparse run: task {report['task']}, method {report['method']}, keep {report['keep']}, "
+        f"seed {report['seed']}",
+        f"model: {report.get('model', '?')}  factorization: {report.get('factorization') or '-'}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "final: " + ", ".join(f"{k} {v:.4f}" for k, v in report["final_metrics"].items()),
+        "",
+        "stages",
+    ]
+    metric_names: list[str] = []
+    for stage in report["stages"]:
+        metric_names += [m for m in stage["metrics"] if m not in metric_names and m != "main"]
+    rows = [[s["name"], s.get("steps"), s["seconds"]] + [s["metrics"].get(m) for m in metric_names]
+            + [s["metrics"]["main"]] for s in report["stages"]]
+    rows = [[r[0], r[1], f"{r[2]:.1f}"] + r[3:] for r in rows]
+    lines += _table(["stage", "steps", "seconds", *metric_names, "main"], rows, "<>>" + ">" * (len(metric_names) + 1))
+    params = report["params"]
+    lines += ["", "parameters"]
+    rows = [[label, params[f"{key}_dense"], params[f"{key}_compressed"],
+             _ratio(params[f"{key}_compressed"], params[f"{key}_dense"])]
+            for label, key in (("target layers", "target"), ("non-embedding", "non_embedding"), ("total", "total"))]
+    lines += _table(["", "dense", "compressed", "ratio"], rows, "<>>>")
+    lines.append(f"saved model: {report['checkpoint_bytes']:,} bytes")
+    if report["layers"]:
+        lines += ["", "layers"]
+        rows = [[layer["name"], layer["in_features"], layer["out_features"], layer["density"], layer["rank"]]
+                for layer in report["layers"]]
+        lines += _table(["name", "in", "out", "density", "rank"], rows, "<>>>>")
+    return "\n".join(lines)
