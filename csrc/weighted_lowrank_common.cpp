@@ -109,6 +109,27 @@ void check_all_finite(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Even power-of-two exponent e with max|w| * 2^-e in [0.25, 1) (0 for an all-zero w). Solving for w * 2^-e keeps
+// every intermediate in range: the Gram matrix and row norms of a 1e30-scale float32 (or 1e300-scale float64)
+// matrix overflow, and denormal entries lose all precision or flush to zero in the SVD. Powers of two scale
+// exactly, and an even e splits back evenly between U and V.
+int64_t normalizing_exponent(const at::Tensor& w) {
+  const double max_abs = w.abs().max().item<double>();
+  if (max_abs == 0.0) return 0;
+  int exponent = 0;
+  std::frexp(max_abs, &exponent);  // max_abs = f * 2^exponent, f in [0.5, 1)
+  return exponent % 2 == 0 ? exponent : exponent + 1;
+}
+
+// w * 2^exponent in `dtype`, computed in float64 and in two half steps: 2^exponent itself can lie beyond the range
+// of float32, and for a denormal float64 matrix (exponent ~ 1030) beyond that of float64.
+at::Tensor scaled_by_power_of_two(const at::Tensor& w, int64_t exponent, at::ScalarType dtype) {
+  if (exponent == 0) return w.to(dtype).contiguous();
+  const int half = static_cast<int>(exponent / 2);
+  const int rest = static_cast<int>(exponent - half);
+  return (w.to(at::kDouble) * std::ldexp(1.0, half) * std::ldexp(1.0, rest)).to(dtype).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weight, int64_t rank,
@@ -125,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weigh
   TORCH_CHECK(tol >= 0.0, "tol must be >= 0, got ", tol);
   TORCH_CHECK(oversample >= 0, "oversample must be >= 0, got ", oversample);
   check_all_finite(weight, "weight");
-  const at::Tensor w = weight.to(compute_dtype(dtype)).contiguous();
+  const int64_t exponent = normalizing_exponent(weight);
+  const at::Tensor w = scaled_by_power_of_two(weight, -exponent, compute_dtype(dtype));
   const int64_t basis_columns = std::min(rank + oversample, k);
 
   LowRankFactors factors;
@@ -142,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weigh
     TORCH_CHECK(((omega_c >= 0) & (omega_c <= 1)).all().item<bool>(), "omega must have all values in [0, 1]");
     factors = weighted_em(w, omega_c, rank, basis_columns, max_iters, tol, seed, fill_and_weighted_error);
   }
-  return {factors.U.to(dtype).contiguous(), factors.V.to(dtype).contiguous()};
+  return {scaled_by_power_of_two(factors.U, exponent / 2, dtype),
+          scaled_by_power_of_two(factors.V, exponent / 2, dtype)};
 }
 
 namespace {
