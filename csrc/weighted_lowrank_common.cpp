@@ -40,12 +40,6 @@ at::Tensor seeded_gaussian(int64_t rows, int64_t cols, int64_t seed, const at::T
   return at::randn({rows, cols}, generator, at::TensorOptions().dtype(at::kFloat)).to(options);
 }
 
-// Right basis for the first iteration: one power step on a seeded random start.
-at::Tensor initial_right_basis(const at::Tensor& x, int64_t columns, int64_t seed) {
-  const at::Tensor left = orthonormal_columns(at::mm(x, seeded_gaussian(x.size(1), columns, seed, x.options())));
-  return orthonormal_columns(at::mm(x.t(), left));
-}
-
 struct RestrictedFit {
   at::Tensor Uz, s, Vh;  // Vh = Vz^T Qr^T (c x n): right singular vectors of the fit in the original coordinates
 };
@@ -73,6 +67,18 @@ LowRankFactors truncated_svd(const at::Tensor& x, int64_t rank) {
   return {long_factor.t(), short_factor.t()};
 }
 
+// Right basis for the first iteration: the exact top-`rank` right singular directions of x, so the first EM iterate
+// is the plain truncated SVD and the weighted error only goes down from there (a randomized start alone can leave
+// EM, under slow progress such as a small uniform omega, stopped above the truncated SVD's error), completed by one
+// power step on a seeded random start.
+at::Tensor initial_right_basis(const at::Tensor& x, int64_t rank, int64_t columns, int64_t seed) {
+  const at::Tensor top = truncated_svd(x, rank).V.t();  // n x rank, spans the top right singular directions
+  if (columns == rank) return orthonormal_columns(top);
+  const at::Tensor left =
+      orthonormal_columns(at::mm(x, seeded_gaussian(x.size(1), columns - rank, seed, x.options())));
+  return orthonormal_columns(at::cat({top, at::mm(x.t(), left)}, 1));
+}
+
 LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t rank, int64_t power_columns,
                            int64_t max_iters, double tol, int64_t seed, FillAndWeightedErrorFn fill_and_error) {
   const int64_t k = std::min(w.size(0), w.size(1));
@@ -80,7 +86,7 @@ LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t
   const bool exact = basis_columns >= kExactSvdBasisFraction * k;
   at::Tensor filled = w.clone();
   at::Tensor right_basis;
-  if (!exact) right_basis = initial_right_basis(filled, basis_columns, seed);
+  if (!exact) right_basis = initial_right_basis(filled, rank, basis_columns, seed);
   LowRankFactors factors;
   double previous_error = 0.0;
   for (int64_t iter = 0; iter < max_iters; ++iter) {
