@@ -6,8 +6,9 @@ killed after a stage and resumed must reproduce it exactly, and bad input must f
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,9 @@ KEEP = 0.25
 def compress_argv(data_dir: Path, model: Path, output: Path, *extra: str) -> list[str]:
     return [
         "compress", "--model", str(model), "--task", "sst2", "--keep", str(KEEP), "--output", str(output),
-        "--data-dir", str(data_dir / "glue"), "--max-train-samples", "64", "--max-eval-samples", "48",
-        "--max-seq-len", "32", "--batch-size", "8", "--epochs", "1", "--seed", "3", "--no-inspect", *extra,
+        "--data-dir", str(data_dir / "glue"), "--max-train-samples", "32", "--max-eval-samples", "32",
+        "--max-seq-len", "32", "--batch-size", "8", "--epochs", "1", "--seed", "3", "--factorization-iters", "5",
+        "--threads", "1", "--no-inspect", *extra,
     ]
 
 
@@ -99,7 +101,7 @@ def test_saved_model_reloads_with_equal_logits(reference_run, data_dir, minilm_p
 
     # `lrsparse evaluate` on the saved model reproduces the pipeline's final evaluation.
     argv = ["evaluate", "--model", str(output), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
-            "--max-eval-samples", "48", "--max-seq-len", "32", "--seed", "3", "--json"]
+            "--max-eval-samples", "32", "--max-seq-len", "32", "--seed", "3", "--json"]
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics == pytest.approx(report["final_metrics"])
@@ -117,7 +119,7 @@ def test_inspect_prints_tables(reference_run, capsys):
     assert row.split()[1:] == [str(first["in_features"]), str(first["out_features"]), f"{first['density']:.4f}",
                                str(first["rank"])]
     assert main(["inspect", str(output / "missing")]) == 2
-    assert "report.json not found" in capsys.readouterr().err
+    assert "missing not found: expected a run folder" in capsys.readouterr().err
 
 
 def _run_cli_subprocess(argv: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -128,13 +130,21 @@ def _run_cli_subprocess(argv: list[str], env_extra: dict[str, str]) -> subproces
                           timeout=600)
 
 
-def test_resume_after_crash_reproduces_the_uninterrupted_run(reference_run, tmp_path, data_dir, minilm_path,
-                                                             capsys):
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory, data_dir, minilm_path):
+    """A run whose process died right after the checkpoint of its "prune" stage (read-only: copy it to resume)."""
+    output = tmp_path_factory.mktemp("crashed") / "run"
+    crashed = _run_cli_subprocess(compress_argv(data_dir, minilm_path, output), {FAIL_AFTER_STAGE_ENV: "prune"})
+    assert crashed.returncode == 75, crashed.stderr[-2000:]
+    return output
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(reference_run, crashed_run, tmp_path, data_dir,
+                                                             minilm_path, capsys):
     _, reference, reference_output, _ = reference_run
     output = tmp_path / "run"
+    shutil.copytree(crashed_run, output)
     argv = compress_argv(data_dir, minilm_path, output)
-    crashed = _run_cli_subprocess(argv, {FAIL_AFTER_STAGE_ENV: "prune"})
-    assert crashed.returncode == 75, crashed.stderr[-2000:]
     manifest = json.loads((output / "checkpoint" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"]] == ["dense", "prune"]
     assert not (output / "report.json").exists()
@@ -166,11 +176,10 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(reference_run, tmp_
     assert json.loads((output / "report.json").read_text()) == resumed
 
 
-def test_corrupted_checkpoint_is_refused(reference_run, tmp_path, data_dir, minilm_path, capsys):
+def test_corrupted_checkpoint_is_refused(crashed_run, tmp_path, data_dir, minilm_path, capsys):
     output = tmp_path / "run"
-    crashed = _run_cli_subprocess(compress_argv(data_dir, minilm_path, output), {FAIL_AFTER_STAGE_ENV: "dense"})
-    assert crashed.returncode == 75, crashed.stderr[-2000:]
-    state = output / "checkpoint" / "stage0-dense.pt"
+    shutil.copytree(crashed_run, output)
+    state = output / "checkpoint" / "stage1-prune.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
@@ -243,8 +252,8 @@ def test_every_method_gets_the_same_training_budget(tmp_path, data_dir, minilm_p
     for method in pipeline.METHODS:
         argv = compress_argv(data_dir, minilm_path, tmp_path / method, "--method", method)
         steps[method] = CompressionRun(config_from_args(build_parser().parse_args(argv))).steps
-    # 64 examples / batch 8 = 8 steps per epoch and stage.
-    assert all(s["dense"] == 8 and s["prune"] == 8 and s["mixed_rank"] == 8 for s in steps.values()), steps
+    # 32 examples / batch 8 = 4 steps per epoch and stage.
+    assert all(s["dense"] == 4 and s["prune"] == 4 and s["mixed_rank"] == 4 for s in steps.values()), steps
 
 
 def test_trained_head_detection(minilm_path):
@@ -257,3 +266,33 @@ def test_trained_head_detection(minilm_path):
     assert has_trained_head(classifier, get_task("sst2"))
     assert not has_trained_head(classifier, get_task("stsb"))  # a 2-way head is no regression head
     assert not has_trained_head(classifier, get_task("mnli"))
+
+
+@pytest.mark.parametrize("method", ["prune-only", "magnitude-svd", "fwsvd"])
+def test_baseline_methods_end_to_end(method, tmp_path, data_dir, minilm_path):
+    from lrsparse.io import load_compressed
+
+    output = tmp_path / "run"
+    argv = compress_argv(data_dir, minilm_path, output, "--method", method)
+    argv[argv.index("--max-train-samples") + 1] = "16"
+    argv[argv.index("--max-eval-samples") + 1] = "16"
+    run = CompressionRun(config_from_args(build_parser().parse_args(argv)))
+    report = validate_report(run.run())
+    names = [s["name"] for s in report["stages"]]
+    model = load_compressed(output / "model")
+    targets = [layer["name"] for layer in report["layers"]]
+    if method == "prune-only":
+        assert names == ["dense", "prune"]
+        assert all(layer["rank"] is None for layer in report["layers"])
+        # The saved sparse model keeps exactly round(keep * total) target weights.
+        weights = [model.get_submodule(name).weight for name in targets]
+        total = sum(w.numel() for w in weights)
+        assert sum(int(torch.count_nonzero(w)) for w in weights) == round(KEEP * total)
+        assert report["params"]["target_compressed"] == round(KEEP * total) + sum(
+            model.get_submodule(name).bias.numel() for name in targets)
+    else:
+        assert names == ["dense", "prune" if method == "magnitude-svd" else "finetune", "factorize", "mixed_rank"]
+        assert report["factorization"] == ("svd" if method == "magnitude-svd" else "fwsvd")
+        assert report["stages"][1]["density"] == pytest.approx(KEEP if method == "magnitude-svd" else 1.0)
+        assert all(type(model.get_submodule(name)).__name__ == "LowRankLinear" for name in targets)
+    assert report["final_metrics"] == report["stages"][-1]["metrics"]

@@ -57,11 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: sparsity-aware for lpaf, svd for svd/magnitude-svd, fwsvd for fwsvd")
     compress.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default="budget")
     compress.add_argument("--rank-multiple", type=_positive_int, default=1, help="round ranks down to a multiple")
+    compress.add_argument("--factorization-iters", type=_positive_int, default=100,
+                          help="EM iterations of the sparsity-aware weighted low-rank fit (cost grows linearly)")
     compress.add_argument("--mixed-rank", choices=MIXED_RANK_STRATEGIES, default="blend")
     compress.add_argument("--blend-fraction", type=float, default=0.5,
                           help="fraction of mixed-rank fine-tuning over which alpha goes 0 -> 1")
     compress.add_argument("--delta-t", type=_positive_int, default=10, help="steps between pruning mask updates")
     compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    compress.add_argument("--threads", type=_positive_int, default=None,
+                          help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
     compress.add_argument("--resume", action="store_true", help="continue from the last completed stage")
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
@@ -98,8 +102,10 @@ def config_from_args(args: argparse.Namespace):
         mixed_epochs=epochs(args.mixed_epochs), batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_seq_len=args.max_seq_len,
         seed=args.seed, dense_finetune=args.dense_finetune, factorization=args.factorization,
-        rank_allocation=args.rank_allocation, rank_multiple=args.rank_multiple, mixed_rank=args.mixed_rank,
-        blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, resume=args.resume,
+        rank_allocation=args.rank_allocation, rank_multiple=args.rank_multiple,
+        factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
+        blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
+        resume=args.resume,
         overwrite=args.overwrite,
     )
 

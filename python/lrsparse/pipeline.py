@@ -101,6 +101,7 @@ class CompressionConfig:
     factorization: str | None = None
     rank_allocation: str = "budget"
     rank_multiple: int = 1
+    factorization_iters: int = 100
     mixed_rank: str = "blend"
     blend_fraction: float = 0.5
     initial_warmup_fraction: float = 0.1
@@ -108,10 +109,11 @@ class CompressionConfig:
     delta_t: int = 10
     # Not part of the run's identity: may differ on --resume.
     device: str = "auto"
+    threads: int | None = None
     resume: bool = False
     overwrite: bool = False
 
-    RESUME_FREE = ("device", "resume", "overwrite", "output_dir")
+    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir")
 
     def resolved_factorization(self) -> str | None:
         allowed = _METHOD_FACTORIZATIONS[self.method]
@@ -141,7 +143,7 @@ class CompressionConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("batch_size", "eval_batch_size", "rank_multiple", "delta_t"):
+        for name in ("batch_size", "eval_batch_size", "rank_multiple", "delta_t", "factorization_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -162,6 +164,9 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.initial_warmup_fraction + self.final_warmup_fraction >= 1.0:
             raise ValueError("initial_warmup_fraction + final_warmup_fraction must be < 1 (no steps left to prune)")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
@@ -736,7 +741,9 @@ class CompressionRun:
         elif state.pruner is not None:
             kwargs["pruner"] = state.pruner
         reports = factorize_model(state.model, config.keep, method=config.resolved_factorization(),
-                                  allocation=config.rank_allocation, rank_multiple=config.rank_multiple, **kwargs)
+                                  allocation=config.rank_allocation, rank_multiple=config.rank_multiple,
+                                  solver_options={"max_iters": config.factorization_iters, "seed": config.seed},
+                                  **kwargs)
         state.pruner = None  # importance state is no longer needed (and not checkpointed from here on)
         state.layers = [_layer_report_dict(r) for r in reports]
         return {"mean_relative_error": sum(r["relative_error"] for r in state.layers) / max(1, len(state.layers))}
@@ -781,6 +788,16 @@ class CompressionRun:
 
     # --------------------------------------------------------------------------------------------- main loop
     def run(self) -> dict:
+        if self.config.threads is None:
+            return self._run()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.config.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(saved)
+
+    def _run(self) -> dict:
         config = self.config
         started = time.perf_counter()
         manifest = None
