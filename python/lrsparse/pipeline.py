@@ -872,7 +872,18 @@ class CompressionRun:
         # The saved model supersedes the last stage's state; the manifest keeps every stage's record.
         self.store.remove_states(manifest)
         log.info("saved %s (%d bytes) and %s", model_dir, report["checkpoint_bytes"], self.output_dir / "report.json")
+        _write_report_plot(report, self.output_dir / "report.png")
         return report
+
+
+def _write_report_plot(report: dict, path: Path) -> None:
+    # The plot is a convenience: a run whose model and report.json are saved must not fail over it.
+    try:
+        from lrsparse.report import plot_report
+
+        plot_report(report, path)
+    except ImportError as exc:
+        log.warning("report plot skipped (matplotlib unavailable: %s)", exc)
 
 
 def _layer_report_dict(report) -> dict:
