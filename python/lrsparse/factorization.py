@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from lrsparse import ops
 from lrsparse.layers import MixedRankLinear, _replace_module
 from lrsparse.pruning import FirstOrderPruner, resolve_targets
+from lrsparse.targets import is_conv1d, is_target_layer, out_in_weight
 
 METHODS = ("sparsity-aware", "svd", "fwsvd")
 ALLOCATIONS = ("budget", "uniform", "energy")
@@ -304,14 +305,16 @@ def factorize_model(
     omega_options: Mapping | None = None,
     solver_options: Mapping | None = None,
 ) -> list[LayerReport]:
-    """Replaces each target nn.Linear by a MixedRankLinear holding its rank-r factorization.
+    """Replaces each target nn.Linear (or GPT-2 Conv1D) by a MixedRankLinear holding its rank-r factorization.
 
     The sparse path is the layer's own weight Parameter (pruned in place by ``pruner``, or by
     :func:`lrsparse.pruning.magnitude_prune` whose ``masks`` are passed) with its mask, or the dense weight and no
     mask when neither is given. Ranks come from :func:`allocate_ranks` with ``nnz`` = kept entries (pruned) or
     ``keep * m * n`` (dense). "sparsity-aware" takes importance from ``pruner.scores``; "fwsvd" needs a pruner with
     ``track_fisher=True`` (a pruner with final_density=1 collects Fisher information without pruning).
-    Create the optimizer for mixed-rank fine-tuning after this call.
+    Create the optimizer for mixed-rank fine-tuning after this call. A Conv1D target (weight stored ``in x out``;
+    its mask and statistics in that layout) gets a MixedRankLinear in the ``out x in`` orientation: its sparse path
+    is a new Parameter holding the transposed weight, so the Conv1D weight Parameter itself is not reused.
     """
     _check_keep(keep)
     if method not in METHODS:
@@ -335,37 +338,45 @@ def factorize_model(
     layer_masks = {}
     shapes_nnz = {}
     for name, module in resolved.items():
-        if type(module) is not nn.Linear:
-            raise TypeError(f"target {name!r} must be an nn.Linear, got {type(module).__name__}")
+        if not is_target_layer(module):
+            raise TypeError(f"target {name!r} must be an nn.Linear or a transformers Conv1D, "
+                            f"got {type(module).__name__}")
         if masks is not None and name not in masks:
             raise ValueError(f"masks has no entry for target {name!r}")
-        layer_masks[name] = None if masks is None else masks[name]
-        m, n = module.weight.shape
+        # Everything below sees weights and per-entry statistics as out x in (Conv1D stores in x out).
+        layer_masks[name] = None if masks is None else out_in_weight(module, masks[name])
+        m, n = out_in_weight(module).shape
         nnz = int(layer_masks[name].sum()) if masks is not None else int(Fraction(keep) * m * n)
         shapes_nnz[name] = (m, n, nnz)
 
     def statistics(name: str) -> dict:
         # Computed per layer when needed: holding every layer's scores at once would double the model's memory.
+        module = resolved[name]
+        importance = pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None
+        fisher = pruner.fisher(name) if method == "fwsvd" else None
         return {
             "mask": layer_masks[name],
-            "importance": pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None,
-            "fisher_rows": pruner.fisher(name) if method == "fwsvd" else None,
+            "importance": out_in_weight(module, importance),
+            "fisher_rows": out_in_weight(module, fisher),
         }
 
     spectra = None
     if allocation == "energy":
         spectra = {
-            name: _spectrum(resolved[name].weight, method, **statistics(name), omega_options=omega_options)
+            name: _spectrum(out_in_weight(resolved[name]), method, **statistics(name), omega_options=omega_options)
             for name in resolved
         }
     ranks = allocate_ranks(shapes_nnz, keep, allocation, rank_multiple, spectra)
 
     reports = []
     for name, module in resolved.items():
-        weight, mask = module.weight, layer_masks[name]
+        weight, mask = out_in_weight(module), layer_masks[name]
         U, V = factorize_matrix(weight, ranks[name], method, **statistics(name), **solver_options, **omega_options)
         relative_error = _relative_error(weight, U, V)
-        mixed = MixedRankLinear(U, V, module.bias, weight, None if mask is None else mask.clone(), method=method)
+        if is_conv1d(module):
+            weight = nn.Parameter(weight.detach().contiguous(), requires_grad=module.weight.requires_grad)
+        sparse_mask = None if mask is None else mask.contiguous().clone()
+        mixed = MixedRankLinear(U, V, module.bias, weight, sparse_mask, method=method)
         mixed.train(module.training)
         _replace_module(model, name, mixed)
         m, n, nnz = shapes_nnz[name]
