@@ -17,6 +17,8 @@ from transformers import (
     DistilBertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
     RobertaConfig,
 )
 from transformers.pytorch_utils import Conv1D
@@ -50,12 +52,25 @@ def gpt2():
                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
+LLAMA_STYLE_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=40)
+
+
 def llama():
     # Grouped-query attention: 4 query heads share 2 key/value heads (k_proj, v_proj are 32 -> 16).
-    return CAUSAL_LM, LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=40)
+    return CAUSAL_LM, LlamaConfig(**LLAMA_STYLE_SIZES)
 
 
+def mistral():
+    return CAUSAL_LM, MistralConfig(**LLAMA_STYLE_SIZES)
+
+
+def qwen2():
+    return CAUSAL_LM, Qwen2Config(**LLAMA_STYLE_SIZES)  # q/k/v_proj have biases here
+
+
+LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
 # Expected targets: the block projections, by name suffix, per layer index.
 ARCHITECTURES = {
     "roberta": (roberta, "roberta.encoder.layer.{i}.",
@@ -65,9 +80,9 @@ ARCHITECTURES = {
                    ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1",
                     "ffn.lin2"]),
     "gpt2": (gpt2, "transformer.h.{i}.", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-    "llama": (llama, "model.layers.{i}.",
-              ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]),
+    "llama": (llama, "model.layers.{i}.", LLAMA_BLOCK),
+    "mistral": (mistral, "model.layers.{i}.", LLAMA_BLOCK),
+    "qwen2": (qwen2, "model.layers.{i}.", LLAMA_BLOCK),
 }
 
 
@@ -120,8 +135,9 @@ def test_default_targets_are_the_block_projections(arch):
     assert all(type(m) is wanted for m in targets.values())
 
 
-def test_llama_grouped_query_projection_shapes():
-    _, model = build("llama")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_llama_style_grouped_query_projection_shapes(arch):
+    _, model = build(arch)
     targets = find_targets(model)
     # head_dim 8: q_proj 32 -> 32, k/v_proj 32 -> 2 * 8 = 16.
     assert linear_shape(targets["model.layers.0.self_attn.q_proj"]) == (32, 32)
