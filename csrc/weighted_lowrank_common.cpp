@@ -40,12 +40,6 @@ at::Tensor seeded_gaussian(int64_t rows, int64_t cols, int64_t seed, const at::T
   return at::randn({rows, cols}, generator, at::TensorOptions().dtype(at::kFloat)).to(options);
 }
 
-// Right basis for the first iteration: one power step on a seeded random start.
-at::Tensor initial_right_basis(const at::Tensor& x, int64_t columns, int64_t seed) {
-  const at::Tensor left = orthonormal_columns(at::mm(x, seeded_gaussian(x.size(1), columns, seed, x.options())));
-  return orthonormal_columns(at::mm(x.t(), left));
-}
-
 struct RestrictedFit {
   at::Tensor Uz, s, Vh;  // Vh = Vz^T Qr^T (c x n): right singular vectors of the fit in the original coordinates
 };
@@ -73,6 +67,18 @@ LowRankFactors truncated_svd(const at::Tensor& x, int64_t rank) {
   return {long_factor.t(), short_factor.t()};
 }
 
+// Right basis for the first iteration: the exact top-`rank` right singular directions of x, so the first EM iterate
+// is the plain truncated SVD and the weighted error only goes down from there (a randomized start alone can leave
+// EM, under slow progress such as a small uniform omega, stopped above the truncated SVD's error), completed by one
+// power step on a seeded random start.
+at::Tensor initial_right_basis(const at::Tensor& x, int64_t rank, int64_t columns, int64_t seed) {
+  const at::Tensor top = truncated_svd(x, rank).V.t();  // n x rank, spans the top right singular directions
+  if (columns == rank) return orthonormal_columns(top);
+  const at::Tensor left =
+      orthonormal_columns(at::mm(x, seeded_gaussian(x.size(1), columns - rank, seed, x.options())));
+  return orthonormal_columns(at::cat({top, at::mm(x.t(), left)}, 1));
+}
+
 LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t rank, int64_t power_columns,
                            int64_t max_iters, double tol, int64_t seed, FillAndWeightedErrorFn fill_and_error) {
   const int64_t k = std::min(w.size(0), w.size(1));
@@ -80,7 +86,7 @@ LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t
   const bool exact = basis_columns >= kExactSvdBasisFraction * k;
   at::Tensor filled = w.clone();
   at::Tensor right_basis;
-  if (!exact) right_basis = initial_right_basis(filled, basis_columns, seed);
+  if (!exact) right_basis = initial_right_basis(filled, rank, basis_columns, seed);
   LowRankFactors factors;
   double previous_error = 0.0;
   for (int64_t iter = 0; iter < max_iters; ++iter) {
@@ -109,6 +115,27 @@ void check_all_finite(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Even power-of-two exponent e with max|w| * 2^-e in [0.25, 1) (0 for an all-zero w). Solving for w * 2^-e keeps
+// every intermediate in range: the Gram matrix and row norms of a 1e30-scale float32 (or 1e300-scale float64)
+// matrix overflow, and denormal entries lose all precision or flush to zero in the SVD. Powers of two scale
+// exactly, and an even e splits back evenly between U and V.
+int64_t normalizing_exponent(const at::Tensor& w) {
+  const double max_abs = w.abs().max().item<double>();
+  if (max_abs == 0.0) return 0;
+  int exponent = 0;
+  std::frexp(max_abs, &exponent);  // max_abs = f * 2^exponent, f in [0.5, 1)
+  return exponent % 2 == 0 ? exponent : exponent + 1;
+}
+
+// w * 2^exponent in `dtype`, computed in float64 and in two half steps: 2^exponent itself can lie beyond the range
+// of float32, and for a denormal float64 matrix (exponent ~ 1030) beyond that of float64.
+at::Tensor scaled_by_power_of_two(const at::Tensor& w, int64_t exponent, at::ScalarType dtype) {
+  if (exponent == 0) return w.to(dtype).contiguous();
+  const int half = static_cast<int>(exponent / 2);
+  const int rest = static_cast<int>(exponent - half);
+  return (w.to(at::kDouble) * std::ldexp(1.0, half) * std::ldexp(1.0, rest)).to(dtype).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weight, int64_t rank,
@@ -125,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weigh
   TORCH_CHECK(tol >= 0.0, "tol must be >= 0, got ", tol);
   TORCH_CHECK(oversample >= 0, "oversample must be >= 0, got ", oversample);
   check_all_finite(weight, "weight");
-  const at::Tensor w = weight.to(compute_dtype(dtype)).contiguous();
+  const int64_t exponent = normalizing_exponent(weight);
+  const at::Tensor w = scaled_by_power_of_two(weight, -exponent, compute_dtype(dtype));
   const int64_t basis_columns = std::min(rank + oversample, k);
 
   LowRankFactors factors;
@@ -142,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weigh
     TORCH_CHECK(((omega_c >= 0) & (omega_c <= 1)).all().item<bool>(), "omega must have all values in [0, 1]");
     factors = weighted_em(w, omega_c, rank, basis_columns, max_iters, tol, seed, fill_and_weighted_error);
   }
-  return {factors.U.to(dtype).contiguous(), factors.V.to(dtype).contiguous()};
+  return {scaled_by_power_of_two(factors.U, exponent / 2, dtype),
+          scaled_by_power_of_two(factors.V, exponent / 2, dtype)};
 }
 
 namespace {

@@ -29,7 +29,8 @@ def pruned_matrix(m=24, n=16, density=0.35, seed=0):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(m, n, generator=gen) < density
     # Low-rank structure plus noise, like a fine-tuned matrix, then pruned.
-    weight = torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen) + 0.3 * torch.randn(m, n, generator=gen)
+    low_rank = torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen)
+    weight = low_rank + 0.3 * torch.randn(m, n, generator=gen)
     importance = torch.rand(m, n, generator=gen) ** 3 * 1e-4
     return weight * mask, mask, importance
 
@@ -53,7 +54,8 @@ def test_fwsvd_is_the_row_weighted_closed_form(fisher_kind):
     # It is the optimum of the row-weighted error, so it beats plain truncation on that error.
     row_omega = (rows**2)[:, None].expand(18, 10)
     U_svd, V_svd = factorize_matrix(weight, 3, "svd")
-    assert reference.weighted_error(weight, U, V, row_omega) <= reference.weighted_error(weight, U_svd, V_svd, row_omega)
+    fw_error = reference.weighted_error(weight, U, V, row_omega)
+    assert fw_error <= reference.weighted_error(weight, U_svd, V_svd, row_omega)
 
 
 def test_fwsvd_needs_valid_fisher():
@@ -205,7 +207,7 @@ def test_factorize_model_with_pruner_builds_mixed_layers_from_the_pruned_weights
         assert report.rank == layer.rank == expected_ranks[report.name]
         assert report["density"] == pytest.approx(float(masks[report.name].float().mean()))
         w = weights[report.name].detach().double()
-        residual = torch.linalg.matrix_norm(w - layer.U.double() @ layer.V.double())
+        residual = torch.linalg.matrix_norm(w - layer.U.detach().double() @ layer.V.detach().double())
         norm = torch.linalg.matrix_norm(w)
         assert report.relative_error == pytest.approx(float(residual / norm) if norm > 0 else float(residual), rel=1e-4)
     # alpha = 0: the mixed model is exactly the pruned model.

@@ -204,3 +204,17 @@ def test_magnitude_prune_keeps_global_top_magnitudes():
         assert torch.all(module.weight[~masks[name]] == 0)
     with pytest.raises(ValueError, match="density"):
         magnitude_prune(model, 1.5)
+
+
+def test_explicit_mask_update_is_exact_and_never_regrows():
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    pruner = make_pruner(model)
+    train(model, optimizer, random_batches(2), after_step=pruner.step)
+    assert pruner.density() == 1.0
+    assert pruner.update_mask(0.5) is True
+    assert pruner.live_count() == round(0.5 * pruner.total_params)
+    kept_scores = torch.cat([pruner.scores(n)[m].flatten() for n, m in pruner.masks.items()])
+    pruned_scores = torch.cat([pruner.scores(n)[~m].flatten() for n, m in pruner.masks.items()])
+    assert kept_scores.min() >= pruned_scores.max()  # the global top half by ema * uncertainty
+    assert pruner.update_mask(0.8) is False and pruner.live_count() == round(0.5 * pruner.total_params)

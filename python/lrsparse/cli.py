@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print the report of a run as tables")
     inspect.add_argument("run", help="run folder (or its report.json)")
     inspect.add_argument("--json", action="store_true", help="print the validated report JSON instead")
+    inspect.add_argument("--plot", metavar="PNG", default=None,
+                         help="also draw per-layer density/rank and the main metric per stage into this PNG")
     return parser
 
 
@@ -139,10 +141,12 @@ def _evaluate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from lrsparse.report import format_report, load_report
+    from lrsparse.report import format_report, load_report, plot_report
 
     report = load_report(args.run)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.plot is not None:
+        log.info("wrote %s", plot_report(report, args.plot))
     return 0
 
 

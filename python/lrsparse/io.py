@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lrsparse.layers import LowRankLinear, MixedRankLinear, _replace_module
+from lrsparse.targets import is_target_layer, linear_shape
 
 FORMAT_VERSION = 1
 LAYERS_FILE = "lrsparse_layers.json"
@@ -183,9 +184,8 @@ def load_compressed(directory: str | os.PathLike, model_class=None) -> nn.Module
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"{LAYERS_FILE} names layer {name!r}, which the model has not") from exc
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (
-            layer["in_features"], layer["out_features"]
-        ):
+        # The freshly built model has the original layer there: an nn.Linear, or a Conv1D for GPT-2.
+        if not is_target_layer(old) or linear_shape(old) != (layer["in_features"], layer["out_features"]):
             raise ValueError(
                 f"{LAYERS_FILE} layer {name!r} ({layer['in_features']} -> {layer['out_features']}) does not match "
                 f"the model's {old}"

@@ -874,7 +874,18 @@ class CompressionRun:
         # The saved model supersedes the last stage's state; the manifest keeps every stage's record.
         self.store.remove_states(manifest)
         log.info("saved %s (%d bytes) and %s", model_dir, report["checkpoint_bytes"], self.output_dir / "report.json")
+        _write_report_plot(report, self.output_dir / "report.png")
         return report
+
+
+def _write_report_plot(report: dict, path: Path) -> None:
+    # The plot is a convenience: a run whose model and report.json are saved must not fail over it.
+    try:
+        from lrsparse.report import plot_report
+
+        plot_report(report, path)
+    except ImportError as exc:
+        log.warning("report plot skipped (matplotlib unavailable: %s)", exc)
 
 
 def _layer_report_dict(report) -> dict:
@@ -925,3 +936,28 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     dataset = TokenizedDataset(examples, tokenizer, max_seq_len)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),
                     target_device, desc=f"eval {spec.name}")
+
+
+def finetune_dense(config: CompressionConfig, directory: str | os.PathLike) -> dict:
+    """Fine-tunes ``config.model`` densely on ``config.task`` (``config.dense_epochs``) and saves it as a plain
+    transformers folder (model, config, tokenizer) in ``directory``; returns the dev metrics.
+
+    The saved folder has a trained head, so ``run_compression`` with it as ``model`` skips its dense stage: the
+    benchmarks fine-tune once and compress that same model with every method.
+    """
+    run = CompressionRun(dataclasses.replace(config, output_dir=str(directory), dense_finetune="force", resume=False,
+                                             overwrite=True))
+    run._prepare()
+    state = _RunState(model=run._fresh_model())
+    t0 = time.perf_counter()
+    run._stage_dense(state, seed_stage(config.seed, 0))
+    with low_rank_only(state.model):
+        metrics = evaluate(state.model, run.eval_set, run.task, config.eval_batch_size, run.collate, run.device,
+                           desc="eval dense")
+    directory = Path(directory)
+    state.model.cpu().save_pretrained(directory)
+    run.tokenizer.save_pretrained(directory)
+    atomic_write_json(directory / "dense_metrics.json", {"metrics": metrics, "seconds": time.perf_counter() - t0,
+                                                          "train_examples": len(run.train_set),
+                                                          "eval_examples": len(run.eval_set)})
+    return metrics

@@ -13,7 +13,7 @@ LAYER_KEYS = ("name", "in_features", "out_features", "density", "rank")
 # Per-stage fields that only matter for resuming, not for readers of the report.
 _CHECKPOINT_FIELDS = ("state_file", "sha256", "state_bytes", "index")
 
-__all__ = ["build_report", "validate_report", "load_report", "format_report", "REPORT_FORMAT"]
+__all__ = ["build_report", "validate_report", "load_report", "format_report", "plot_report", "REPORT_FORMAT"]
 
 
 def build_report(config, manifest: dict, layers: list[dict], compressed: dict, checkpoint_bytes: int,
@@ -150,3 +150,62 @@ def format_report(report: dict) -> str:
                 for layer in report["layers"]]
         lines += _table(["name", "in", "out", "density", "rank"], rows, "<>>>>")
     return "\n".join(lines)
+
+
+def _short_layer_name(name: str) -> str:
+    # "bert.encoder.layer.3.attention.self.query" -> "3.attention.self.query": the block index and the projection.
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[digits[-1]:]) if digits else name
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> Path:
+    """Draws the report as a PNG at ``path``: per-layer density, rank and rank / min(in, out), main metric per stage.
+
+    Draws on matplotlib's Agg canvas (no display needed; pyplot's global backend is left alone); raises
+    ImportError when matplotlib is missing.
+    """
+    figure = report_figure(report)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+def report_figure(report: dict):
+    """The matplotlib Figure that :func:`plot_report` saves (four panels, top to bottom)."""
+    validate_report(report)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = report["layers"]
+    labels = [_short_layer_name(layer["name"]) for layer in layers]
+    positions = list(range(len(layers)))
+    ranks = [layer["rank"] if layer["rank"] is not None else 0 for layer in layers]
+    fractions = [rank / min(layer["in_features"], layer["out_features"]) for rank, layer in zip(ranks, layers)]
+    # Figure() rather than pyplot: no global figure registry, so repeated calls in one process do not leak figures.
+    figure = Figure(figsize=(max(8.0, 0.35 * len(layers) + 3.0), 10.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(4, 1)
+    figure.suptitle(f"lrsparse {report['task']} {report['method']} keep {report['keep']}")
+    for ax, values, title, top in ((axes[0], [layer["density"] for layer in layers], "density (kept / total)", 1.0),
+                                   (axes[1], ranks, "rank", None),
+                                   (axes[2], fractions, "rank / min(in, out)", 1.0)):
+        ax.bar(positions, values, color="tab:blue")
+        ax.set_title(title)
+        if top is not None:
+            ax.set_ylim(0, top)
+        ax.set_xticks(positions)
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    if not layers:
+        for ax in axes[:3]:
+            ax.text(0.5, 0.5, "no compressed layers", ha="center", va="center", transform=ax.transAxes)
+    stages = report["stages"]
+    mains = [stage["metrics"]["main"] for stage in stages]
+    axes[3].bar(range(len(stages)), mains, color="tab:orange")
+    for i, value in enumerate(mains):
+        axes[3].annotate(f"{value:.4f}", (i, value), ha="center", va="bottom", fontsize=8)
+    axes[3].set_xticks(range(len(stages)))
+    axes[3].set_xticklabels([stage["name"] for stage in stages])
+    axes[3].set_title("main metric per stage")
+    return figure

@@ -1,14 +1,18 @@
-"""Which nn.Linear layers of a transformer are compressed.
+"""Which linear layers of a transformer are compressed.
 
-Only the encoder's attention projections and feed-forward layers are targets: embeddings, LayerNorm, the pooler and
-every task head stay dense (they are small, or their outputs are directly supervised and fragile).
+Only the blocks' attention projections and feed-forward layers are targets: embeddings, norms, the pooler and every
+task or language-model head stay dense (they are small, or their outputs are directly supervised and fragile).
+
+Targets are ``nn.Linear`` modules, or the ``Conv1D`` layers of GPT-2 (transformers.pytorch_utils.Conv1D:
+``y = x W + b`` with ``W`` stored transposed, ``in x out``). Pruning works on a target's weight in its stored layout;
+factorization and loading use :func:`out_in_weight` / :func:`linear_shape` to see every target as ``out x in``.
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 # Regexes matched (re.search) against the names of nn.Linear modules from model.named_modules(); each is anchored on
 # the encoder block prefix so that heads such as RoBERTa's "classifier.dense" or BERT's "pooler.dense" never match.
@@ -17,6 +21,12 @@ _BERT_STYLE = [
     r"(^|\.)encoder\.layer\.\d+\.attention\.output\.dense$",
     r"(^|\.)encoder\.layer\.\d+\.intermediate\.dense$",
     r"(^|\.)encoder\.layer\.\d+\.output\.dense$",
+]
+
+# Llama-style decoders (grouped-query attention: k/v_proj may be narrower than q_proj; the patterns do not care).
+_LLAMA_STYLE = [
+    r"(^|\.)layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    r"(^|\.)layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)$",
 ]
 
 TARGET_PATTERNS: dict[str, list[str]] = {
@@ -35,7 +45,56 @@ TARGET_PATTERNS: dict[str, list[str]] = {
         r"(^|\.)encoder\.layer\.\d+\.intermediate\.dense$",
         r"(^|\.)encoder\.layer\.\d+\.output\.dense$",
     ],
+    # GPT-2 blocks are transformer.h.N; its layers are Conv1D (see module docstring).
+    "gpt2": [
+        r"(^|\.)h\.\d+\.attn\.(c_attn|c_proj)$",
+        r"(^|\.)h\.\d+\.mlp\.(c_fc|c_proj)$",
+    ],
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
 }
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain nn.Linear models
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly a transformers Conv1D (a linear layer with its weight stored ``in x out``)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and type(module) is conv1d
+
+
+def is_target_layer(module: nn.Module) -> bool:
+    """Exactly nn.Linear or transformers Conv1D (subclasses such as the low-rank layers do not count)."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an nn.Linear or a Conv1D."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    raise TypeError(f"module must be an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+
+
+def out_in_weight(module: nn.Module, tensor: Tensor | None = None) -> Tensor | None:
+    """``tensor`` (default: the module's weight), laid out like that weight, as an ``out x in`` view.
+
+    Also for per-entry statistics of the weight (masks, importance, Fisher) that were kept in its stored layout.
+    """
+    if not is_target_layer(module):
+        raise TypeError(f"module must be an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+    tensor = module.weight if tensor is None else tensor
+    if tensor is None or not is_conv1d(module):
+        return tensor
+    return tensor.t()
 
 
 def default_patterns(model: nn.Module) -> list[str]:
@@ -53,10 +112,11 @@ def default_patterns(model: nn.Module) -> list[str]:
     return TARGET_PATTERNS[model_type]
 
 
-def find_targets(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Linear]:
-    """nn.Linear modules whose name matches any of ``patterns`` (default: by model type), in named_modules order.
+def find_targets(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """Linear modules whose name matches any of ``patterns`` (default: by model type), in named_modules order.
 
-    Only exact ``nn.Linear`` instances count, so layers already replaced by low-rank ones are not found again.
+    Only exact ``nn.Linear`` (or transformers ``Conv1D``) instances count, so layers already replaced by low-rank
+    ones are not found again.
     """
     if patterns is None:
         patterns = default_patterns(model)
@@ -70,11 +130,11 @@ def find_targets(model: nn.Module, patterns: Iterable[str] | None = None) -> dic
     found = {
         name: module
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and any(c.search(name) for c in compiled)
+        if is_target_layer(module) and any(c.search(name) for c in compiled)
     }
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"no nn.Linear module of the model (model_type {model_type!r}) matches patterns {patterns}"
+            f"no nn.Linear or Conv1D module of the model (model_type {model_type!r}) matches patterns {patterns}"
         )
     return found
