@@ -12,13 +12,7 @@ from lrsparse import ops, reference
 backward_op = torch.ops.lrsparse.mixed_rank_linear_backward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These shapes are tiny and the test machine's cores are shared: OpenMP spin-waits dominate otherwise.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 GRAD_NAMES = ("x", "U", "V", "bias", "sparse_weight")
 
 # Max error allowed relative to the largest reference magnitude, for results computed in each dtype.
