@@ -241,3 +241,16 @@ def test_factorize_model_fwsvd_and_energy_use_pruner_statistics():
         layer = model.get_submodule(report.name)
         U, V = factorize_matrix(weights[report.name], report.rank, "fwsvd", fisher_rows=fisher[report.name])
         torch.testing.assert_close(layer.U @ layer.V, U @ V)
+
+
+def test_fisher_only_pruner_gets_the_keep_budget_not_full_rank():
+    # Regression: a density-1 pruner (Fisher collection for fwsvd) has all-ones masks; its ranks must come from
+    # keep, i.e. floor(keep * m * n / (m + n)), not from nnz = m * n.
+    model, pruner = pruned_tiny_bert(density=1.0)
+    reports = factorize_model(model, 0.25, method="fwsvd", pruner=pruner)
+    for r in reports:
+        m, n = r.out_features, r.in_features
+        assert r.rank == max(1, (m * n // 4) // (m + n))
+    assert sum(r.rank * (r.in_features + r.out_features) for r in reports) <= 0.25 * sum(
+        r.in_features * r.out_features for r in reports
+    )

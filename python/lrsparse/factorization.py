@@ -325,7 +325,9 @@ def factorize_model(
         raise ValueError("pass either pruner or masks, not both")
     if pruner is not None:
         resolved = dict(pruner.targets) if targets is None else resolve_targets(model, targets)
-        masks = pruner.masks
+        # A pruner that pruned nothing (final_density 1, kept only to collect Fisher information for fwsvd) gives
+        # statistics, not masks: the ranks must then come from the keep budget, not from its all-ones masks.
+        masks = pruner.masks if pruner.live_count() < pruner.total_params else None
     else:
         resolved = resolve_targets(model, targets)
     if method == "fwsvd" and (pruner is None or not pruner.track_fisher):
