@@ -123,7 +123,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/compression"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compression"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite <out>.md and plots from <out>.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(to_markdown(report))
+        for task in {r["task"] for r in report["results"]}:
+            plot(report["results"], task, args.out.parent / f"{args.out.name}_{task}.png")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     base = {"data_dir": args.data_dir, "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
@@ -218,9 +225,11 @@ def to_markdown(report: dict) -> str:
             lines.append("")
             lines.append("| matrices | numerical rank | 90%-energy rank |")
             lines.append("|---|---|---|")
-            for label in ("dense", "first_order", "magnitude"):
+            labels = {"dense": "dense fine-tuned", "first_order": "first-order pruned (the prune-only run)",
+                      "magnitude": "magnitude pruned (one-shot global |w|, same density)"}
+            for label, title in labels.items():
                 if label in stats:
-                    lines.append(f"| {label} | {stats[label]['numerical_rank']:.1f} | "
+                    lines.append(f"| {title} | {stats[label]['numerical_rank']:.1f} | "
                                  f"{stats[label]['energy90_rank']:.1f} |")
             lines.append("")
     return "\n".join(lines) + "\n"
