@@ -135,7 +135,7 @@ def main(argv=None):
     if args.markdown:
         lines = [
             f"# Inference: dense vs low-rank ({report['machine']['date']})", "",
-            f"Model {Path(args.model).name if os.path.isdir(args.model) else args.model}, seq {args.seq_len}, "
+            f"Model {'/'.join(Path(args.model).parts[-2:]) if os.path.isdir(args.model) else args.model}, seq {args.seq_len}, "
             f"{report['machine']['threads']} threads, torch {torch.__version__}, {report['machine']['platform']}.", "",
             "| model | compiled | params | latency bs1 ms | speedup | throughput bs32 seq/s | speedup | peak RSS MiB | checkpoint MB |",
             "|---|---|---|---|---|---|---|---|---|",
