@@ -139,10 +139,13 @@ def main(argv=None):
     if args.model:
         base["model"] = args.model
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    results: list[dict] = json.loads(json_path.read_text())["results"] if json_path.exists() else []
+    # An existing report is extended, not replaced: finished (task, method, keep) cells are skipped, so the grid can
+    # be run in several invocations (or resumed after an interruption) into the same --out.
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results: list[dict] = previous.get("results", [])
+    extras: dict = previous.get("ranks", {})
     done = {(r["task"], r["method"], r["keep"]) for r in results}
-    extras: dict = {}
-    started = time.time()
+    started = time.time() - previous.get("seconds", 0.0)
 
     def save():
         report = {
