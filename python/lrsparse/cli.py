@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from lrsparse.data import GLUE_TASKS
+from lrsparse.tasks import TASK_NAMES
 
 log = logging.getLogger("lrsparse")
 
@@ -27,15 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task")
+    compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task "
+                                   "or SQuAD")
     compress.add_argument("--model", default=default_model(),
                           help="checkpoint folder or hub name (default: the bundled all-MiniLM-L6-v2)")
-    compress.add_argument("--task", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    compress.add_argument("--task", required=True, help=f"GLUE task or squad: {', '.join(TASK_NAMES)}")
     compress.add_argument("--keep", required=True, type=float,
                           help="fraction of the target layers' parameters to keep, in (0, 1]")
     compress.add_argument("--output", required=True, help="run folder (checkpoint/, model/, report.json)")
     compress.add_argument("--data-dir", default=None,
-                          help="folder with <TASK>/{train,dev}.tsv in the GLUE layout (default: the hub)")
+                          help="folder with <TASK>/{train,dev}.tsv in the GLUE layout, or for squad the official "
+                          "dev-v1.1.json (+ train-v1.1.json; without it the dev articles are split 80/20) "
+                          "(default: the hub)")
     compress.add_argument("--method", default="lpaf", choices=METHODS)
     compress.add_argument("--max-train-samples", type=_positive_int, default=None)
     compress.add_argument("--max-eval-samples", type=_positive_int, default=None)
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--weight-decay", type=float, default=0.01)
     compress.add_argument("--warmup-ratio", type=float, default=0.06)
     compress.add_argument("--max-seq-len", type=int, default=128)
+    compress.add_argument("--doc-stride", type=_positive_int, default=None,
+                          help="squad: tokens shared by consecutive windows of a long context (default max-seq-len/4)")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("--dense-finetune", choices=DENSE_FINETUNE_MODES, default="auto",
                           help="auto: only when the checkpoint has no trained head for the task")
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE dev split")
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
                           "or the run folder)")
     evaluate.add_argument("--task", required=True)
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-eval-samples", type=_positive_int, default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=64)
     evaluate.add_argument("--max-seq-len", type=int, default=128)
+    evaluate.add_argument("--doc-stride", type=_positive_int, default=None, help="squad: see compress --doc-stride")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the --max-eval-samples subset")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -104,6 +110,7 @@ def config_from_args(args: argparse.Namespace):
         dense_epochs=epochs(args.dense_epochs), prune_epochs=epochs(args.prune_epochs),
         mixed_epochs=epochs(args.mixed_epochs), batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_seq_len=args.max_seq_len,
+        doc_stride=args.doc_stride,
         seed=args.seed, dense_finetune=args.dense_finetune, factorization=args.factorization,
         rank_allocation=args.rank_allocation, rank_multiple=args.rank_multiple,
         factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
@@ -132,7 +139,7 @@ def _evaluate(args) -> int:
     if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
         model_dir = model_dir / "model"  # a run folder
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
-                             args.max_seq_len, args.device, args.seed)
+                             args.max_seq_len, args.device, args.seed, args.doc_stride)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -297,7 +297,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class PaddingCollator:
-    """Pads each batch only to its own longest sequence (dynamic padding)."""
+    """Pads each batch only to its own longest sequence (dynamic padding); per-example scalars (labels, answer
+    start/end positions) are stacked."""
 
     def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = int(pad_token_id)
@@ -308,7 +309,7 @@ class PaddingCollator:
         length = max(int(item["input_ids"].numel()) for item in features)
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
-            if key == "labels":
+            if features[0][key].dim() == 0 or key == "labels":
                 batch[key] = torch.stack([item[key] for item in features])
                 continue
             fill = self.pad_token_id if key == "input_ids" else 0

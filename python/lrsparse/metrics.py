@@ -1,18 +1,26 @@
-"""GLUE metrics, implemented directly (float64) so the package needs neither scikit-learn nor scipy.
+"""GLUE and SQuAD metrics, implemented directly (float64) so the package needs neither scikit-learn nor scipy.
 
 Degenerate inputs follow scikit-learn's conventions where a metric is undefined: F1 and Matthews correlation are 0
 when their denominator is 0, and Pearson/Spearman are 0 for a constant input (a constant predictor carries no
 information, and 0 keeps report.json valid JSON where NaN would not be).
+
+SQuAD exact match and F1 follow the official v1.1 evaluation script, reported as fractions in [0, 1] like every
+other metric here (the official script prints percentages: multiply by 100).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import collections
+import re
+import string
+
 import torch
 
 from lrsparse.data import get_task
 
-__all__ = ["accuracy", "f1_score", "matthews_corr", "pearson", "spearman", "compute_metrics", "predictions_from_logits"]
+__all__ = ["accuracy", "f1_score", "matthews_corr", "pearson", "spearman", "compute_metrics", "predictions_from_logits",
+           "normalize_answer", "squad_exact_match", "squad_f1", "squad_metrics"]
 
 
 def _as_vector(values, name: str, dtype=torch.float64) -> torch.Tensor:
@@ -130,4 +138,65 @@ def compute_metrics(task: str, predictions: Sequence | torch.Tensor, labels: Seq
         raise ValueError(f"predictions for classification task {spec.name} must be class ids, got floating values")
     results = {name: _METRICS[name](predictions, labels) for name in spec.metrics}
     results["main"] = results[spec.main_metric]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQuAD v1.1 (the official evaluate-v1.1.py, same normalization and aggregation)
+# ---------------------------------------------------------------------------------------------------------------
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, drop the articles a/an/the, collapse whitespace (in the official order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _token_f1(prediction: str, ground_truth: str) -> float:
+    predicted = normalize_answer(prediction).split()
+    gold = normalize_answer(ground_truth).split()
+    common = collections.Counter(predicted) & collections.Counter(gold)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(predicted)
+    recall = overlap / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _ground_truth_list(ground_truths) -> list[str]:
+    if isinstance(ground_truths, str):
+        raise TypeError("ground_truths must be a sequence of answer strings, not a single string")
+    ground_truths = list(ground_truths)
+    if not ground_truths:
+        raise ValueError("ground_truths must hold at least one answer")
+    return ground_truths
+
+
+def squad_exact_match(prediction: str, ground_truths) -> float:
+    """1.0 when the normalized prediction equals any normalized ground truth, else 0.0."""
+    return max(float(normalize_answer(prediction) == normalize_answer(gold))
+               for gold in _ground_truth_list(ground_truths))
+
+
+def squad_f1(prediction: str, ground_truths) -> float:
+    """The best bag-of-tokens F1 of the normalized prediction against any ground truth."""
+    return max(_token_f1(prediction, gold) for gold in _ground_truth_list(ground_truths))
+
+
+def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[str]]) -> dict:
+    """Mean exact match and F1 over the questions of ``references`` (id -> ground-truth answers), plus ``"main"``
+    (F1). Every referenced question needs a prediction (id -> answer text)."""
+    if not references:
+        raise ValueError("references must hold at least one question")
+    missing = [qid for qid in references if qid not in predictions]
+    if missing:
+        raise ValueError(f"predictions are missing {len(missing)} of {len(references)} question ids, e.g. "
+                         f"{missing[:3]}")
+    exact = sum(squad_exact_match(predictions[qid], golds) for qid, golds in references.items())
+    f1 = sum(squad_f1(predictions[qid], golds) for qid, golds in references.items())
+    results = {"exact_match": exact / len(references), "f1": f1 / len(references)}
+    results["main"] = results["f1"]
     return results

@@ -1,4 +1,4 @@
-"""End-to-end compression of a fine-tuned (or to-be-fine-tuned) transformer on a GLUE task.
+"""End-to-end compression of a fine-tuned (or to-be-fine-tuned) transformer on a GLUE task or SQuAD.
 
 Stages, each followed by an evaluation on the dev split and an atomic checkpoint:
 
@@ -17,6 +17,9 @@ Checkpoints live in ``<output>/checkpoint``: one state file per completed stage 
 ``manifest.json`` (config, per-stage metrics and the state file's SHA-256), each written to a temporary file,
 fsynced and renamed; the manifest is written last, so a stage counts as done only once its state is on disk.
 Every stage seeds the RNGs from (seed, stage index), so a resumed run repeats an uninterrupted one exactly (CPU).
+
+Task specifics (data, tokenization, head, metrics) come from :mod:`lrsparse.tasks`; a question answering example can
+yield several overlapping windows, and training epochs count windows, not questions.
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from lrsparse.data import GlueTask, PaddingCollator, TokenizedDataset, get_task, load_glue
-from lrsparse.metrics import compute_metrics
+from lrsparse.data import GlueTask, PaddingCollator
+from lrsparse.tasks import ClassificationTask, QuestionAnsweringTask, resolve_task
+
+Task = ClassificationTask | QuestionAnsweringTask
 
 log = logging.getLogger("lrsparse.pipeline")
 
@@ -96,6 +101,7 @@ class CompressionConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     max_seq_len: int = 128
+    doc_stride: int | None = None  # question answering: overlap of a long context's windows (None: max_seq_len // 4)
     seed: int = 0
     dense_finetune: str = "auto"
     factorization: str | None = None
@@ -121,7 +127,7 @@ class CompressionConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad option (cheap checks only: no files, no model)."""
-        get_task(self.task)
+        task = resolve_task(self.task)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
@@ -149,6 +155,12 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be an integer >= 8, got {self.max_seq_len!r}")
+        if self.doc_stride is not None:
+            if task.kind != "question-answering":
+                raise ValueError(f"doc_stride applies to question answering only, not to task {task.name!r}")
+            if isinstance(self.doc_stride, bool) or not isinstance(self.doc_stride, int) or not (
+                    0 < self.doc_stride < self.max_seq_len):
+                raise ValueError(f"doc_stride must be an integer in [1, max_seq_len), got {self.doc_stride!r}")
         for name in ("dense_epochs", "mixed_epochs"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -312,11 +324,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Model loading, structure and parameter accounting
 # ---------------------------------------------------------------------------------------------------------------
-def has_trained_head(model_config, task: GlueTask) -> bool:
-    """Whether the checkpoint already holds a sequence-classification head of the task's size."""
-    architectures = getattr(model_config, "architectures", None) or []
-    is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
-    return is_classifier and int(getattr(model_config, "num_labels", -1)) == task.num_labels
+def has_trained_head(model_config, task: GlueTask | Task) -> bool:
+    """Whether the checkpoint already holds a trained head of the task's kind and size."""
+    return resolve_task(task).has_trained_head(model_config)
 
 
 def _quiet_transformers() -> None:
@@ -336,24 +346,12 @@ def load_model_config(source: str):
         raise ValueError(f"model {source!r} cannot be loaded (a local checkpoint folder or a hub name): {exc}") from exc
 
 
-def _task_config_kwargs(task: GlueTask) -> dict:
-    kwargs: dict[str, Any] = {
-        "num_labels": task.num_labels,
-        "problem_type": "regression" if task.is_regression else "single_label_classification",
-    }
-    if not task.is_regression:
-        kwargs["id2label"] = dict(enumerate(task.label_values))
-        kwargs["label2id"] = {label: i for i, label in enumerate(task.label_values)}
-    return kwargs
-
-
-def load_task_model(source: str, task: GlueTask, keep_head: bool) -> nn.Module:
-    """Loads ``source`` as a float32 sequence classifier for ``task``; the head is new unless ``keep_head``."""
-    from transformers import AutoModelForSequenceClassification
-
+def load_task_model(source: str, task: GlueTask | Task, keep_head: bool) -> nn.Module:
+    """Loads ``source`` as a float32 model with ``task``'s head; the head is new unless ``keep_head``."""
+    task = resolve_task(task)
     _quiet_transformers()
-    kwargs = {} if keep_head else {**_task_config_kwargs(task), "ignore_mismatched_sizes": True}
-    return AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32, **kwargs)
+    kwargs = {} if keep_head else {**task.head_config(), "ignore_mismatched_sizes": True}
+    return task.auto_model_class().from_pretrained(source, dtype=torch.float32, **kwargs)
 
 
 def _layer_classes():
@@ -578,20 +576,23 @@ def low_rank_only(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, task: GlueTask, batch_size: int, collate, device: torch.device,
+def evaluate(model: nn.Module, dataset, task: GlueTask | Task, batch_size: int, collate, device: torch.device,
              desc: str = "eval") -> dict:
     """Task metrics (with "main") of ``model`` on ``dataset``."""
+    task = resolve_task(task)
     was_training = model.training
     model.eval()
-    outputs, labels = [], []
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in task.output_names}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     with _progress(len(loader), desc) as bar:
         for batch in loader:
-            labels.append(batch.pop("labels"))
-            outputs.append(model(**_to_device(batch, device)).logits.float().cpu())
+            inputs = {key: value for key, value in batch.items() if key not in task.label_names}
+            result = model(**_to_device(inputs, device))
+            for name, batches in outputs.items():
+                batches.append(result[name].float().cpu())
             bar.update(1)
     model.train(was_training)
-    return compute_metrics(task.name, torch.cat(outputs), torch.cat(labels))
+    return task.metrics(outputs, dataset)
 
 
 def steps_for(epochs: float, examples: int, batch_size: int) -> int:
@@ -614,15 +615,15 @@ class CompressionRun:
     def __init__(self, config: CompressionConfig):
         config.validate()
         self.config = config
-        self.task = get_task(config.task)
+        self.task = resolve_task(config.task)
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
         self.device = resolve_device(config.device)
         self.stage_names = config.stage_names()
         self._check_output_dir()
         # Data errors surface here, before the model is touched.
-        self.train_examples = load_glue(config.task, "train", config.data_dir, config.max_train_samples, config.seed)
-        self.eval_examples = load_glue(config.task, "dev", config.data_dir, config.max_eval_samples, config.seed)
+        self.train_examples = self.task.load("train", config.data_dir, config.max_train_samples, config.seed)
+        self.eval_examples = self.task.load("dev", config.data_dir, config.max_eval_samples, config.seed)
         self.model_config = load_model_config(config.model)
         self.head_trained = has_trained_head(self.model_config, self.task)
         self.run_dense = config.dense_finetune == "force" or (config.dense_finetune == "auto"
@@ -630,11 +631,14 @@ class CompressionRun:
         if config.dense_finetune == "skip" and not self.head_trained:
             log.warning("--dense-finetune skip on a model without a trained %s head: its head is random",
                         self.task.name)
-        n = len(self.train_examples)
+        self._set_steps(len(self.train_examples))
+
+    def _set_steps(self, train_size: int) -> None:
+        config = self.config
         self.steps = {
-            "dense": steps_for(config.dense_epochs, n, config.batch_size) if self.run_dense else 0,
-            "prune": max(1, steps_for(config.prune_epochs, n, config.batch_size)),
-            "mixed_rank": steps_for(config.mixed_epochs, n, config.batch_size),
+            "dense": steps_for(config.dense_epochs, train_size, config.batch_size) if self.run_dense else 0,
+            "prune": max(1, steps_for(config.prune_epochs, train_size, config.batch_size)),
+            "mixed_rank": steps_for(config.mixed_epochs, train_size, config.batch_size),
         }
         self.steps["finetune"] = self.steps["prune"]
 
@@ -664,18 +668,21 @@ class CompressionRun:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         self.collate = PaddingCollator(self.tokenizer.pad_token_id or 0)
-        self.train_set = TokenizedDataset(self.train_examples, self.tokenizer, self.config.max_seq_len)
-        self.eval_set = TokenizedDataset(self.eval_examples, self.tokenizer, self.config.max_seq_len)
+        config = self.config
+        tokenize = self.task.tokenize
+        self.train_set = tokenize(self.train_examples, self.tokenizer, config.max_seq_len, config.doc_stride)
+        self.eval_set = tokenize(self.eval_examples, self.tokenizer, config.max_seq_len, config.doc_stride)
+        self._set_steps(len(self.train_set))  # more windows than questions for long SQuAD contexts
 
     def _fresh_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)  # the new head's initialization
         return load_task_model(self.config.model, self.task, keep_head=self.head_trained).to(self.device)
 
     def _model_from_state(self, state: dict) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
         model_config = AutoConfig.for_model(**json.loads(state["model_config"]))
-        model = AutoModelForSequenceClassification.from_config(model_config)
+        model = self.task.auto_model_class().from_config(model_config)
         rebuild_structure(model, state["structure"])
         model.load_state_dict(state["model"], strict=True)
         return model.to(self.device)
@@ -861,8 +868,8 @@ class CompressionRun:
         target_names = [entry["name"] for entry in state.layers]
         compressed = count_parameters(state.model, target_names, sparse=self.config.method == "prune-only")
         report = build_report(self.config, manifest, state.layers, compressed, checkpoint_bytes=0,
-                              head_trained=self.head_trained, train_examples=len(self.train_set),
-                              eval_examples=len(self.eval_set), steps=self.steps)
+                              head_trained=self.head_trained, train_examples=len(self.train_examples),
+                              eval_examples=len(self.eval_examples), steps=self.steps)
         model_dir = self.output_dir / "model"
         report["checkpoint_bytes"] = save_compressed(state.model.cpu(), model_dir, tokenizer=self.tokenizer,
                                                      extra={"task": self.task.name, "method": self.config.method,
@@ -910,30 +917,27 @@ def versions() -> dict[str, str]:
 
 def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None = None,
                    max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int = 128,
-                   device: str = "auto", seed: int = 0) -> dict:
+                   device: str = "auto", seed: int = 0, doc_stride: int | None = None) -> dict:
     """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
     split of ``task``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from lrsparse.io import LAYERS_FILE, load_compressed
 
-    spec = get_task(task)
+    spec = resolve_task(task)
     target_device = resolve_device(device)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
-    examples = load_glue(spec.name, "dev", data_dir, max_eval_samples, seed)
+    examples = spec.load("dev", data_dir, max_eval_samples, seed)
     _quiet_transformers()
     if (model_dir / LAYERS_FILE).is_file():
         model = load_compressed(model_dir)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
-    num_labels = int(getattr(model.config, "num_labels", -1))
-    if num_labels != spec.num_labels:
-        raise ValueError(f"model in {model_dir} has {num_labels} output label(s) but task {spec.name} needs "
-                         f"{spec.num_labels}")
+        model = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32)
+    spec.check_model(model, str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = TokenizedDataset(examples, tokenizer, max_seq_len)
+    dataset = spec.tokenize(examples, tokenizer, max_seq_len, doc_stride)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),
                     target_device, desc=f"eval {spec.name}")
 
@@ -958,6 +962,6 @@ def finetune_dense(config: CompressionConfig, directory: str | os.PathLike) -> d
     state.model.cpu().save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
     atomic_write_json(directory / "dense_metrics.json", {"metrics": metrics, "seconds": time.perf_counter() - t0,
-                                                          "train_examples": len(run.train_set),
-                                                          "eval_examples": len(run.eval_set)})
+                                                          "train_examples": len(run.train_examples),
+                                                          "eval_examples": len(run.eval_examples)})
     return metrics
