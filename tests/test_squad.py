@@ -375,6 +375,11 @@ def test_compress_squad_end_to_end(tmp_path, squad_dir, minilm_path, tokenizer, 
                  "--max-eval-samples", "4", "--max-seq-len", "64", "--doc-stride", "16", "--seed", "1",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(report["final_metrics"])
+    # A span model is no classifier: evaluating it on a GLUE task says so.
+    assert main(["evaluate", "--model", str(output), "--task", "sst2", "--data-dir", str(squad_dir.parent / "glue"),
+                 "--max-eval-samples", "4"]) == 2
+    assert "is a BertForQuestionAnswering, but task sst2 needs a ...ForSequenceClassification" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("change, message", [

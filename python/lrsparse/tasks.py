@@ -36,6 +36,8 @@ class ClassificationTask:
         return load_glue(self.name, split, data_dir, max_samples, seed)
 
     def tokenize(self, examples, tokenizer, max_seq_len: int, doc_stride: int | None = None) -> TokenizedDataset:
+        if doc_stride is not None:
+            raise ValueError(f"doc_stride applies to question answering only, not to task {self.name!r}")
         return TokenizedDataset(examples, tokenizer, max_seq_len)
 
     def auto_model_class(self):
@@ -62,6 +64,9 @@ class ClassificationTask:
         return is_classifier and int(getattr(model_config, "num_labels", -1)) == self.spec.num_labels
 
     def check_model(self, model: nn.Module, where: str) -> None:
+        if not type(model).__name__.endswith("ForSequenceClassification"):
+            raise ValueError(f"model in {where} is a {type(model).__name__}, but task {self.name} needs a "
+                             "...ForSequenceClassification model")
         num_labels = int(getattr(model.config, "num_labels", -1))
         if num_labels != self.spec.num_labels:
             raise ValueError(f"model in {where} has {num_labels} output label(s) but task {self.name} needs "
@@ -108,9 +113,9 @@ class QuestionAnsweringTask:
                 and int(getattr(model_config, "num_labels", -1)) == 2)
 
     def check_model(self, model: nn.Module, where: str) -> None:
-        if not type(model).__name__.endswith("ForQuestionAnswering"):
-            raise ValueError(f"model in {where} is a {type(model).__name__}, but task squad needs a "
-                             "...ForQuestionAnswering model (a span head)")
+        if not type(model).__name__.endswith("ForQuestionAnswering") or int(model.config.num_labels) != 2:
+            raise ValueError(f"model in {where} is a {type(model).__name__} with {model.config.num_labels} "
+                             "output(s), but task squad needs a ...ForQuestionAnswering model with 2 (start, end)")
 
     def metrics(self, outputs: dict[str, Sequence[torch.Tensor]], dataset) -> dict:
         from lrsparse.metrics import squad_metrics
