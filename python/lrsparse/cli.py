@@ -1,4 +1,4 @@
-"""Command line: ``lrsparse compress | evaluate | inspect``."""
+"""Command line: ``lrsparse compress | evaluate | inspect | export``."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lrsparse.export import FORMATS
     from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
                                    RANK_ALLOCATIONS, default_model)
 
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the validated report JSON instead")
     inspect.add_argument("--plot", metavar="PNG", default=None,
                          help="also draw per-layer density/rank and the main metric per stage into this PNG")
+
+    export = commands.add_parser("export", help="export a saved compressed model to ONNX, TorchScript or a "
+                                 "plain-PyTorch transformers folder (none needs lrsparse to run)")
+    export.add_argument("model", help="folder written by `lrsparse compress` (its model/ folder or the run folder)")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="pytorch: transformers folder (trust_remote_code), torchscript: .pt, onnx: .onnx")
+    export.add_argument("--out", required=True, help="output folder (pytorch) or file (torchscript, onnx)")
     return parser
 
 
@@ -123,14 +131,19 @@ def _compress(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
+def _model_dir(path: str):
     from pathlib import Path
 
+    model_dir = Path(path)
+    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
+        return model_dir / "model"  # a run folder
+    return model_dir
+
+
+def _evaluate(args) -> int:
     from lrsparse.pipeline import evaluate_saved
 
-    model_dir = Path(args.model)
-    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
-        model_dir = model_dir / "model"  # a run folder
+    model_dir = _model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
                              args.max_seq_len, args.device, args.seed)
     if args.json:
@@ -150,6 +163,17 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from lrsparse.export import describe, export_compressed
+
+    try:
+        path = export_compressed(_model_dir(args.model), args.format, args.out)
+    except ImportError as exc:  # a missing optional package: the message says what to install
+        raise ValueError(str(exc)) from exc
+    print(describe(path))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from lrsparse.pipeline import CheckpointError
 
-    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}
+    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error
