@@ -6,6 +6,7 @@ against an independent float64 model in which each low-rank layer is the dense p
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,14 +19,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import BertTokenizer
+from transformers import BertForMaskedLM, BertTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lrsparse import export as lrexport
 from lrsparse.cli import main
 from lrsparse.factorization import factorize_model
 from lrsparse.io import load_compressed, save_compressed
 from lrsparse.layers import LowRankLinear, finalize_low_rank
-from pipeline_helpers import VOCAB, tiny_bert
+from pipeline_helpers import VOCAB, tiny_bert, tiny_bert_config
 
 # (batch, length, seed): none is the (2, 8) shape the traced formats were traced with.
 SHAPES = [(3, 13, 1), (1, 5, 2), (4, 9, 3)]
@@ -224,6 +225,38 @@ def test_pytorch_export_stores_factors_only(loaded, pytorch_export):
         assert torch.equal(tensors[f"{name}.0.weight"], layer.V) and torch.equal(tensors[f"{name}.1.weight"], layer.U)
         assert torch.equal(tensors[f"{name}.1.bias"], layer.bias)
     assert "import lrsparse" not in (pytorch_export / lrexport.MODELING_FILE).read_text()
+
+
+def _import_file(path):
+    spec = importlib.util.spec_from_file_location(f"generated_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("architecture", ["bert-mlm-tied", "gpt2-conv1d"])
+def test_pytorch_export_of_tied_and_conv1d_models(architecture, tmp_path):
+    if architecture == "bert-mlm-tied":
+        model = BertForMaskedLM(tiny_bert_config())
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0))
+    factorize_model(model, 0.3, method="svd")
+    finalize_low_rank(model)
+    model.eval()
+    lrexport.export_pytorch(model, tmp_path / architecture)
+    generated = _import_file(tmp_path / architecture / lrexport.MODELING_FILE)
+    cls = getattr(generated, f"LowRank{type(model).__name__}")
+    reloaded = cls.from_pretrained(tmp_path / architecture).eval()
+    assert not any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+    reference = float64_dense_reference(model)
+    batch = dict(zip(lrexport.input_names(model), lrexport.example_inputs(model, 3, 9, seed=2)))
+    assert ("token_type_ids" in batch) == (architecture == "bert-mlm-tied")  # GPT-2 would embed zeros as tokens
+    with torch.no_grad():
+        actual, exact = reloaded(**batch).logits, reference(**batch).logits
+    torch.testing.assert_close(actual.double(), exact, rtol=1e-5, atol=1e-5)
+    if architecture == "bert-mlm-tied":
+        assert reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight
 
 
 def test_torchscript_graph_has_no_lrsparse_op(loaded, torchscript_export):

@@ -18,10 +18,12 @@ head, or the last hidden state of a bare encoder.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -184,13 +186,27 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> P
     dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}  # batch, sequence
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_loggers("onnx_ir", "onnxscript"):
         program = torch.onnx.export(
             wrapper, example_inputs(model), dynamo=True, input_names=names, output_names=["output"],
-            dynamic_shapes={name: dims for name in names}, opset_version=opset, external_data=False,
+            dynamic_shapes={name: dims for name in names}, opset_version=opset, verbose=False,
         )
-    program.save(str(path))
+        program.save(str(path))  # weights go to an external data file next to it only beyond protobuf's 2 GB
     return path
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's optimizer logs one INFO line per folded constant: thousands under the CLI's INFO level."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------------------------
