@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -310,8 +309,6 @@ def test_onnx_graph_is_two_chained_matmuls_per_low_rank_layer(loaded, onnx_expor
         (down,) = [node for node, w in matmuls if np.array_equal(w, layer.V.detach().numpy())]
         (up,) = [node for node, w in matmuls if np.array_equal(w, layer.U.detach().numpy())]
         assert up.input[0] == down.output[0], name  # x V^T feeds U: no dense U V anywhere
-    counts = Counter(n.op_type for n in model.graph.node)
-    assert counts["MatMul"] + counts["Gemm"] >= len(matmuls)
     names = [i.name for i in model.graph.input]
     assert names == lrexport.input_names(loaded)
     for graph_input in model.graph.input:  # batch and sequence axes are symbolic
