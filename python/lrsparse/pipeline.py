@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -624,7 +624,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sa
         raise CheckpointError(f"checkpoint optimizer has {len(saved['param_names'])} parameter groups, expected "
                               f"{len(optimizer.param_groups)}")
     for group, names in zip(optimizer.param_groups, saved["param_names"]):
-        if set(names) != {name for name, p in params.items() if any(p is q for q in group["params"])}:
+        if not set(names) <= params.keys() or {id(params[n]) for n in names} != {id(p) for p in group["params"]}:
             raise CheckpointError("checkpoint optimizer parameters do not match the model's trainable parameters")
         group["params"] = [params[name] for name in names]
     optimizer.load_state_dict(saved["state"])
@@ -662,6 +662,8 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
         _load_optimizer_state(optimizer, model, resume["optimizer"])
         scheduler.load_state_dict(resume["lr_scheduler"])
         if hook is not None:
+            if resume["hook"] is None:
+                raise CheckpointError(f"{desc}: the checkpoint has no state for its {type(hook).__name__}")
             hook.load_state_dict(resume["hook"])
         batches.load_state_dict(resume["batches"])
         counters.update(resume["counters"])
