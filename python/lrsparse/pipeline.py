@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from lrsparse.data import GlueTask, PaddingCollator, TokenizedDataset, get_task, load_glue
+from lrsparse.distributed import is_main_process
 from lrsparse.metrics import compute_metrics
 
 log = logging.getLogger("lrsparse.pipeline")
@@ -276,7 +277,11 @@ class CheckpointStore:
         return manifest
 
     def commit(self, manifest: dict, stage: dict, state: dict) -> None:
-        """Writes the stage's state, then the manifest that records it; removes the previous state file."""
+        """Writes the stage's state, then the manifest that records it; removes the previous state file.
+        In a multi-process run only rank 0 writes (the others record the stage in memory)."""
+        if not is_main_process():
+            manifest["stages"].append(stage)
+            return
         filename = f"stage{stage['index']}-{stage['name']}.pt"
         path = self.directory / filename
         atomic_write(path, lambda handle: torch.save(state, handle))
@@ -815,7 +820,7 @@ class CompressionRun:
                      len(self.stage_names))
             state = self._restore(last)
         else:
-            if config.overwrite:
+            if config.overwrite and is_main_process():
                 (self.output_dir / "report.json").unlink(missing_ok=True)
                 shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
@@ -868,6 +873,8 @@ class CompressionRun:
                                                      extra={"task": self.task.name, "method": self.config.method,
                                                             "keep": self.config.keep})
         report["run_seconds"] = seconds
+        if not is_main_process():  # rank 0 writes the report and the manifest
+            return report
         atomic_write_json(self.output_dir / "report.json", report)
         manifest["completed"] = True
         atomic_write_json(self.store.manifest_path, manifest)
