@@ -220,7 +220,9 @@ class MixedRankCallback(_PhaseCallback):
     Alpha goes 0 -> 1 over ``blend_fraction`` of the Trainer's ``max_steps``
     (:class:`~lrsparse.layers.MixedRankScheduler`); at alpha 1 the sparse weights are dropped from the model and the
     optimizer. At the end every factorized layer must be a LowRankLinear of its factorized rank, and with ``keep``
-    the factors must fit ``keep`` times the parameters of the original matrices.
+    the factors must fit ``keep`` times the parameters of the original matrices (checked at the start too;
+    factorize_model's "budget" allocation gives a matrix pruned below ``m + n`` entries rank 1, which can exceed
+    it on tiny models).
     """
 
     phase = "mixed_rank"
