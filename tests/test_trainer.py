@@ -248,7 +248,10 @@ def test_tensorboard_scalars(tmp_path):
 
     model = tiny_bert()
     pruning = PruningCallback(FINAL, tensorboard_dir=str(tmp_path / "tb"), **PRUNER_OPTIONS)
-    tiny_trainer(model, tmp_path, [pruning], logging_strategy="steps", logging_steps=4).train()
+    trainer = tiny_trainer(model, tmp_path, [pruning], logging_strategy="steps", logging_steps=4)
+    trainer.train()
+    metrics = trainer.evaluate(TokenDataset(count=16, seed=5))  # after train(): still logged
+    pruning.close()
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     density = [(e.step, e.value) for e in events.Scalars("pruning/density")]
     assert [step for step, _ in density] == list(range(1, STEPS + 1))
@@ -256,6 +259,8 @@ def test_tensorboard_scalars(tmp_path):
     assert density[-1][1] == pytest.approx(round(FINAL * pruning.pruner.total_params) / pruning.pruner.total_params,
                                            abs=1e-7)
     assert [e.step for e in events.Scalars("pruning/train/loss")] == [4, 8, 12]
+    assert [(e.step, e.value) for e in events.Scalars("pruning/eval/loss")] == [
+        (STEPS, pytest.approx(metrics["eval_loss"], rel=1e-6))]
 
 
 def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):

@@ -110,10 +110,16 @@ class _PhaseCallback(TrainerCallback):
         for key, value in (metrics or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._scalar(f"{self.phase}/eval/{key.removeprefix('eval_')}", float(value), state.global_step)
+        self._flush()
 
-    def _close(self) -> None:
+    def _flush(self) -> None:
+        # Not closed at train end: trainer.evaluate() after train() still logs its metrics here.
         if self.writer is not None:
             self.writer.flush()
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer (also done when the process exits)."""
+        if self.writer is not None:
             self.writer.close()
             self.writer = None
 
@@ -191,7 +197,7 @@ class PruningCallback(_PhaseCallback):
         self._scalar("pruning/scheduled_density", pruner.scheduled_density(), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._close()
+        self._flush()
         pruner = self.pruner
         if pruner.step_count == 0 or pruner.step_count == pruner.nonfinite_steps:
             raise RuntimeError(
@@ -282,7 +288,7 @@ class MixedRankCallback(_PhaseCallback):
         self._scalar("mixed_rank/alpha", self.scheduler.alpha, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._close()
+        self._flush()
         scheduler = self.scheduler
         if not scheduler.finalized:
             raise RuntimeError(
