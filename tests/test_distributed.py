@@ -94,12 +94,60 @@ def local_gradient_pruning(rank: int, world: int) -> str:
     return "no error"
 
 
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, steps: int, seed: int):
+        self.rows = [{"input_ids": ids, "labels": label} for batch in batches(steps, seed)
+                     for ids, label in zip(batch["input_ids"], batch["labels"])]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def with_trainer(directory: str, world: int) -> dict:
+    """The same compression through transformers.Trainer and the lrsparse.hf callbacks; under a process group
+    Trainer (accelerate) wraps the model in DDP and shards each global batch of GLOBAL_BATCH over the ranks."""
+    from transformers import Trainer, TrainingArguments
+
+    from lrsparse.hf import MixedRankCallback, PruningCallback
+
+    def arguments(steps):
+        return TrainingArguments(
+            output_dir=directory, max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world,
+            learning_rate=1e-3, optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant",
+            max_grad_norm=0.0, train_sampling_strategy="sequential", report_to="none", save_strategy="no",
+            logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, average_tokens_across_devices=False,
+            ddp_backend="gloo" if world > 1 else None)
+
+    model = tiny_bert(seed=0)
+    pruning = PruningCallback(KEEP, **PRUNER_OPTIONS)
+    Trainer(model=model, args=arguments(PRUNE_STEPS), train_dataset=TokenDataset(PRUNE_STEPS, seed=1),
+            callbacks=[pruning]).train()
+    masks = {name: mask.clone() for name, mask in pruning.pruner.masks.items()}
+    factorize_model(model, keep=KEEP, allocation="uniform", pruner=pruning.pruner, solver_options={"max_iters": 20})
+    trainer = Trainer(model=model, args=arguments(MIXED_STEPS), train_dataset=TokenDataset(MIXED_STEPS, seed=2),
+                      callbacks=[MixedRankCallback(blend_fraction=0.5, keep=KEEP)])
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batches(1, seed=3)[0]["input_ids"]).logits
+    factors = {name: (m.U.detach().clone(), m.V.detach().clone())
+               for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    return {"masks": masks, "factors": factors, "logits": logits, "world_size": trainer.args.world_size,
+            "wrapper": type(trainer.model_wrapped).__name__}
+
+
 def _worker(rank: int, world: int, directory: str) -> None:
     torch.set_num_threads(1)
+    # What torchrun sets: accelerate (inside Trainer) reads them and joins the process group created here.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
         result = compress(rank, world, save_dir=os.path.join(directory, f"model-rank{rank}"))
         result["local_gradients"] = local_gradient_pruning(rank, world)
+        result["trainer"] = with_trainer(os.path.join(directory, "trainer"), world)
         torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -153,3 +201,21 @@ def test_rank_local_gradients_fail_at_first_mask_update(ranks):
     for result in results:
         assert result["local_gradients"].startswith("step 4: pruning masks and importance scores differ between "
                                                     "ranks"), result["local_gradients"]
+
+
+def test_trainer_callbacks_under_ddp(ranks, tmp_path):
+    _, (first, second) = ranks
+    assert [r["trainer"]["world_size"] for r in (first, second)] == [WORLD, WORLD]
+    assert first["trainer"]["wrapper"] == "DistributedDataParallel"
+    single = with_trainer(str(tmp_path), world=1)
+    assert first["trainer"]["masks"].keys() == single["masks"].keys()
+    for name in single["masks"]:
+        assert torch.equal(first["trainer"]["masks"][name], second["trainer"]["masks"][name]), name
+        assert torch.equal(first["trainer"]["masks"][name], single["masks"][name]), name
+    for name in single["factors"]:
+        for a, b, c in zip(first["trainer"]["factors"][name], second["trainer"]["factors"][name],
+                           single["factors"][name]):
+            assert torch.equal(a, b), name
+            torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4)
+    assert torch.equal(first["trainer"]["logits"], second["trainer"]["logits"])
+    torch.testing.assert_close(first["trainer"]["logits"], single["logits"], rtol=1e-3, atol=1e-4)
