@@ -64,6 +64,9 @@ def training_args(args, phase: str, epochs: float) -> TrainingArguments:
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, learning_rate=args.lr,
         weight_decay=0.01, warmup_steps=0.06, max_grad_norm=1.0, eval_strategy="no", save_strategy="no",
         logging_steps=10, report_to="none", seed=args.seed, use_cpu=args.cpu,
+        # Otherwise Trainer multiplies the loss by the world size for models whose loss ignores num_items_in_batch
+        # (sequence classification): the gradients (and the logged loss) would be world_size times too large.
+        average_tokens_across_devices=False,
         ddp_backend="gloo" if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
     )
@@ -71,7 +74,8 @@ def training_args(args, phase: str, epochs: float) -> TrainingArguments:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
+    # The process group starts inside TrainingArguments; torchrun's RANK tells the main process before that.
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     task = get_task(args.task)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -4,6 +4,7 @@ FirstOrderPruner; the mixed-rank phase ends low-rank within budget; every misuse
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 
@@ -21,7 +22,7 @@ from pipeline_helpers import VOCAB, tiny_bert
 STEPS, BATCH, FINAL, WARM_I, WARM_F, DELTA = 12, 8, 0.3, 2, 4, 2
 PRUNER_OPTIONS = dict(initial_warmup_fraction=WARM_I, final_warmup_fraction=WARM_F, delta_t=DELTA)
 LR = 5e-4
-LAYERS = 3
+LAYERS = 2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -265,5 +266,40 @@ def test_tensorboard_scalars(tmp_path):
 
 def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match="tensorboard_dir=.* TensorBoard is not installed.*pip install tensorboard"):
+    with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed.*pip install tensorboard"):
         PruningCallback(FINAL, tensorboard_dir=str(tmp_path))
+
+
+def test_pipeline_cli_tensorboard_scalars(tmp_path, data_dir, minilm_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lrsparse.cli import main
+
+    output, board = tmp_path / "run", tmp_path / "tb"
+    argv = ["compress", "--model", str(minilm_path), "--task", "sst2", "--keep", "0.5", "--output", str(output),
+            "--data-dir", str(data_dir / "glue"), "--max-train-samples", "16", "--max-eval-samples", "16",
+            "--max-seq-len", "16", "--batch-size", "8", "--epochs", "1", "--delta-t", "1",
+            "--dense-finetune", "skip", "--blend-fraction", "1.0",
+            "--factorization-iters", "2", "--threads", "1", "--no-inspect", "--tensorboard", str(board)]
+    assert main(argv) == 0
+    report = json.loads((output / "report.json").read_text())
+    events = EventAccumulator(str(board)).Reload()
+    density = events.Scalars("prune/density")
+    assert [e.step for e in density] == [1, 2]
+    assert density[-1].value == pytest.approx(0.5, abs=1e-6)
+    assert [e.value for e in events.Scalars("mixed_rank/alpha")] == [0.5, 1.0]  # t / (blend_fraction * steps)
+    for stage in ("prune", "mixed_rank"):
+        assert [e.step for e in events.Scalars(f"{stage}/loss")] == [1, 2]
+    main_metric = events.Scalars("eval/main")
+    assert [e.step for e in main_metric] == [0, 1, 2, 3]
+    assert [e.value for e in main_metric] == pytest.approx([s["metrics"]["main"] for s in report["stages"]],
+                                                           abs=1e-6)
+
+
+def test_pipeline_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from lrsparse.pipeline import CompressionConfig
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    config = CompressionConfig(task="sst2", keep=0.5, output_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+    with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed"):
+        config.validate()

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--resume", action="store_true", help="continue from the last completed stage")
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
+    compress.add_argument("--tensorboard", metavar="DIR", default=None,
+                          help="write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE dev split")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
@@ -109,7 +111,7 @@ def config_from_args(args: argparse.Namespace):
         factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
         blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
         resume=args.resume,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tensorboard_dir=args.tensorboard,
     )
 
 

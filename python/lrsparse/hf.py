@@ -41,31 +41,11 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 from transformers import TrainerCallback
 
-from lrsparse.distributed import is_main_process
 from lrsparse.layers import LowRankLinear, MixedRankLinear, MixedRankScheduler
 from lrsparse.pruning import FirstOrderPruner, _check_density
+from lrsparse.scalars import open_summary_writer, summary_writer_class
 
 log = logging.getLogger("lrsparse.hf")
-
-
-def open_summary_writer(log_dir: str | None):
-    """A TensorBoard SummaryWriter on ``log_dir`` in the main process; None when ``log_dir`` is None or on other
-    ranks. ImportError with the fix when TensorBoard is requested but not installed."""
-    if log_dir is None:
-        return None
-    writer_class = _summary_writer_class(log_dir)
-    return writer_class(str(log_dir)) if is_main_process() else None
-
-
-def _summary_writer_class(log_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ImportError(
-            f"tensorboard_dir={str(log_dir)!r} was given but TensorBoard is not installed ({exc}); "
-            "install it with `pip install tensorboard` or drop the option"
-        ) from exc
-    return SummaryWriter
 
 
 def _optimizer_parameter_ids(optimizer) -> set[int]:
@@ -80,7 +60,7 @@ class _PhaseCallback(TrainerCallback):
     def __init__(self, tensorboard_dir: str | None = None) -> None:
         self.tensorboard_dir = tensorboard_dir
         if tensorboard_dir is not None:
-            _summary_writer_class(tensorboard_dir)  # a missing TensorBoard fails here, before any training
+            summary_writer_class(tensorboard_dir)  # a missing TensorBoard fails here, before any training
         self.writer = None
         self.used = False
 

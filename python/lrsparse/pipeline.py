@@ -113,8 +113,9 @@ class CompressionConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False
+    tensorboard_dir: str | None = None  # TensorBoard scalars: loss, density, alpha, eval metrics
 
-    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir")
+    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "tensorboard_dir")
 
     def resolved_factorization(self) -> str | None:
         allowed = _METHOD_FACTORIZATIONS[self.method]
@@ -171,6 +172,10 @@ class CompressionConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
+        if self.tensorboard_dir is not None:
+            from lrsparse.scalars import summary_writer_class
+
+            summary_writer_class(self.tensorboard_dir)
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (compared on --resume)."""
@@ -532,11 +537,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stage_seed: int, desc: str,
           collate, device: torch.device,
-          make_after_step: Callable[[torch.optim.Optimizer], Callable[[], None]] | None = None) -> dict:
+          make_after_step: Callable[[torch.optim.Optimizer], Callable[[], None]] | None = None,
+          writer=None) -> dict:
     """``steps`` AdamW steps with linear warmup/decay. ``make_after_step(optimizer)`` returns the hook run after
     each optimizer step, before the gradients are cleared (pruner.step, the alpha schedule); it gets the optimizer
     because the mixed-rank scheduler drops the sparse weights from it. Steps with a non-finite loss are skipped and
-    counted."""
+    counted. ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` per step."""
     model.train()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     after_step = None if make_after_step is None else make_after_step(optimizer)
@@ -561,6 +567,8 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
                     after_step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.item()
+                if writer is not None:
+                    writer.add_scalar(f"{desc}/loss", loss.item(), step + 1)
             scheduler.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(1, step + 1 - skipped):.4f}")
@@ -619,6 +627,7 @@ class CompressionRun:
     def __init__(self, config: CompressionConfig):
         config.validate()
         self.config = config
+        self.writer = None  # TensorBoard, opened by run() when config.tensorboard_dir is set
         self.task = get_task(config.task)
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
@@ -695,7 +704,7 @@ class CompressionRun:
         if self.steps["dense"] == 0:
             return {"trained": False, "steps": 0}
         stats = train(state.model, self.train_set, self.config, self.steps["dense"], stage_seed, "dense",
-                      self.collate, self.device)
+                      self.collate, self.device, writer=self.writer)
         return {"trained": True, **stats}
 
     def _new_first_order_pruner(self, model: nn.Module, final_density: float):
@@ -722,9 +731,15 @@ class CompressionRun:
     def _stage_prune(self, state: _RunState, stage_seed: int) -> dict:
         state.pruner = self._new_pruner(state.model)
         name = "prune" if self.config.method not in ("svd", "fwsvd") else "finetune"
+        pruner = state.pruner
+
+        def pruner_step() -> None:
+            pruner.step()
+            self._scalar(f"{name}/density", pruner.density(), pruner.step_count)
+
         stats = train(state.model, self.train_set, self.config, self.steps["prune"], stage_seed, name,
-                      self.collate, self.device,
-                      make_after_step=None if state.pruner is None else lambda optimizer: state.pruner.step)
+                      self.collate, self.device, make_after_step=None if pruner is None else lambda _: pruner_step,
+                      writer=self.writer)
         extra = dict(stats)
         if state.pruner is not None:
             extra["density"] = state.pruner.density()
@@ -766,10 +781,15 @@ class CompressionRun:
         def make_scheduler(optimizer):
             scheduler = MixedRankScheduler(state.model, steps, blend_fraction=self.config.blend_fraction,
                                            strategy=self.config.mixed_rank, optimizer=optimizer)
-            return scheduler.step
+
+            def scheduler_step() -> None:
+                scheduler.step()
+                self._scalar("mixed_rank/alpha", scheduler.alpha, scheduler.step_count)
+
+            return scheduler_step
 
         stats = train(state.model, self.train_set, self.config, steps, stage_seed, "mixed_rank", self.collate,
-                      self.device, make_after_step=make_scheduler)
+                      self.device, make_after_step=make_scheduler, writer=self.writer)
         finalize_low_rank(state.model)  # no-op when alpha reached 1 (blend_fraction < 1)
         return stats
 
@@ -794,15 +814,23 @@ class CompressionRun:
         return state
 
     # --------------------------------------------------------------------------------------------- main loop
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
     def run(self) -> dict:
-        if self.config.threads is None:
-            return self._run()
+        from lrsparse.scalars import open_summary_writer
+
+        self.writer = open_summary_writer(self.config.tensorboard_dir)
         saved = torch.get_num_threads()
-        torch.set_num_threads(self.config.threads)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
         try:
             return self._run()
         finally:
             torch.set_num_threads(saved)
+            if self.writer is not None:
+                self.writer.close()
 
     def _run(self) -> dict:
         config = self.config
@@ -845,6 +873,8 @@ class CompressionRun:
             seconds = time.perf_counter() - t0
             log.info("stage %s done in %.1f s (%.1f s before evaluation): %s", name, seconds, train_seconds,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            for metric, value in metrics.items():  # x axis: the stage index
+                self._scalar(f"eval/{metric}", value, index)
             record = {"name": name, "index": index, "metrics": metrics, "seconds": seconds, **extra}
             self.store.commit(manifest, record, self._state_payload(state))
             if os.environ.get(FAIL_AFTER_STAGE_ENV) == name:
