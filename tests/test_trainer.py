@@ -139,9 +139,14 @@ def test_two_phases_end_low_rank_within_budget(tmp_path):
     # "uniform" ranks fit keep exactly ("budget" may give a heavily pruned tiny matrix its minimum rank 1).
     factorize_model(model, keep=FINAL, allocation="uniform", pruner=pruning.pruner, solver_options={"max_iters": 5})
 
-    mixing = MixedRankCallback(blend_fraction=0.5, keep=FINAL)
+    mixing = MixedRankCallback(blend_fraction=0.5, keep=FINAL, tensorboard_dir=str(tmp_path / "tb"))
     trainer = tiny_trainer(model, tmp_path, [mixing], steps=8)  # a new Trainer: a new optimizer over U, V
     trainer.train()
+    mixing.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    alpha = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("mixed_rank/alpha")
+    assert [(e.step, e.value) for e in alpha] == [(t, min(1.0, t / 4)) for t in range(1, 9)]  # t / (0.5 * 8)
     assert mixing.scheduler.finalized and mixing.scheduler.step_count == 8
     assert not any(isinstance(m, MixedRankLinear) for m in model.modules())
     low_rank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

@@ -107,8 +107,8 @@ class _PhaseCallback(TrainerCallback):
         if count != state.global_step:
             raise RuntimeError(
                 f"{type(self).__name__}: {count} on_optimizer_step calls for {state.global_step} optimizer steps; "
-                "the Trainer did not call on_optimizer_step after each optimizer step (transformers >= 4.41 does; "
-                "a custom training loop must call callback_handler.on_optimizer_step)"
+                "the Trainer did not call on_optimizer_step after each optimizer step (transformers 5.x does, right "
+                "after optimizer.step(); a custom training loop must call callback_handler.on_optimizer_step)"
             )
 
 
