@@ -7,6 +7,7 @@ only rank 0 writes the saved model; a pruner fed rank-local gradients fails at i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lrsparse.factorization import factorize_model
 from lrsparse.io import save_compressed
 from lrsparse.layers import LowRankLinear, MixedRankScheduler
+from lrsparse.pipeline import CheckpointStore
 from lrsparse.pruning import FirstOrderPruner
 from pipeline_helpers import random_batches, tiny_bert
 
@@ -148,6 +150,10 @@ def _worker(rank: int, world: int, directory: str) -> None:
         result = compress(rank, world, save_dir=os.path.join(directory, f"model-rank{rank}"))
         result["local_gradients"] = local_gradient_pruning(rank, world)
         result["trainer"] = with_trainer(os.path.join(directory, "trainer"), world)
+        store = CheckpointStore(Path(directory) / f"run-rank{rank}")
+        manifest = {"stages": []}
+        store.commit(manifest, {"index": 0, "name": "dense"}, {"weight": torch.ones(2)})
+        result["manifest"] = manifest
         torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -194,6 +200,12 @@ def test_only_rank_zero_writes(ranks):
     directory, (first, second) = ranks
     assert first["written"] > 0 and (directory / "model-rank0" / "model.safetensors").is_file()
     assert second["written"] == 0 and not (directory / "model-rank1").exists()
+    # Pipeline checkpoints: rank 0 writes state and manifest; every rank records the stage.
+    assert (directory / "run-rank0" / "checkpoint" / "manifest.json").is_file()
+    assert (directory / "run-rank0" / "checkpoint" / "stage0-dense.pt").is_file()
+    assert not (directory / "run-rank1").exists()
+    assert [s["name"] for s in first["manifest"]["stages"]] == [s["name"] for s in second["manifest"]["stages"]] \
+        == ["dense"]
 
 
 def test_rank_local_gradients_fail_at_first_mask_update(ranks):

@@ -992,6 +992,8 @@ def finetune_dense(config: CompressionConfig, directory: str | os.PathLike) -> d
         metrics = evaluate(state.model, run.eval_set, run.task, config.eval_batch_size, run.collate, run.device,
                            desc="eval dense")
     directory = Path(directory)
+    if not is_main_process():
+        return metrics
     state.model.cpu().save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
     atomic_write_json(directory / "dense_metrics.json", {"metrics": metrics, "seconds": time.perf_counter() - t0,
