@@ -19,9 +19,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
-                                   RANK_ALLOCATIONS, default_model)
+                                   NONFINITE_GRAD_MODES, RANK_ALLOCATIONS, default_model)
 
     parser = argparse.ArgumentParser(prog="lrsparse", description="Low-Rank Prune-And-Factorize compression")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -67,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     compress.add_argument("--threads", type=_positive_int, default=None,
                           help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
-    compress.add_argument("--resume", action="store_true", help="continue from the last completed stage")
+    compress.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    compress.add_argument("--checkpoint-every", type=_non_negative_int, default=200, metavar="N",
+                          help="also checkpoint every N optimizer steps inside the training stages (0: only after "
+                               "each stage)")
+    compress.add_argument("--nonfinite-grads", choices=NONFINITE_GRAD_MODES, default="skip",
+                          help="a training step with non-finite gradients is skipped (and counted) or an error")
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
     compress.add_argument("--tensorboard", metavar="DIR", default=None,
@@ -111,7 +123,8 @@ def config_from_args(args: argparse.Namespace):
         factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
         blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
         resume=args.resume,
-        overwrite=args.overwrite, tensorboard_dir=args.tensorboard,
+        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, nonfinite_grads=args.nonfinite_grads,
+        tensorboard_dir=args.tensorboard,
     )
 
 
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError) as exc:
         if args.log_level == "DEBUG":
             raise
         print(f"lrsparse {args.command}: error: {exc}", file=sys.stderr)
