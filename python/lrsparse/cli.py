@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a training step with non-finite gradients is skipped (and counted) or an error")
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
+    compress.add_argument("--tensorboard", metavar="DIR", default=None,
+                          help="write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE dev split")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
@@ -130,6 +132,7 @@ def config_from_args(args: argparse.Namespace):
         blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
         resume=args.resume,
         overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, nonfinite_grads=args.nonfinite_grads,
+        tensorboard_dir=args.tensorboard,
     )
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lrsparse.data import GlueTask, PaddingCollator, TokenizedDataset, get_task, load_glue
+from lrsparse.distributed import is_main_process
 from lrsparse.metrics import compute_metrics
 
 log = logging.getLogger("lrsparse.pipeline")
@@ -122,8 +123,10 @@ class CompressionConfig:
     overwrite: bool = False
     checkpoint_every: int = 200  # optimizer steps between intra-stage checkpoints; 0: stage checkpoints only
     nonfinite_grads: str = "skip"  # a step whose gradients are not finite is skipped (and counted) or an error
+    tensorboard_dir: str | None = None  # TensorBoard scalars: loss, density, alpha, eval metrics
 
-    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "checkpoint_every", "nonfinite_grads")
+    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "checkpoint_every", "nonfinite_grads",
+                   "tensorboard_dir")
 
     def resolved_factorization(self) -> str | None:
         allowed = _METHOD_FACTORIZATIONS[self.method]
@@ -183,6 +186,10 @@ class CompressionConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
+        if self.tensorboard_dir is not None:
+            from lrsparse.scalars import summary_writer_class
+
+            summary_writer_class(self.tensorboard_dir)
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (compared on --resume)."""
@@ -294,7 +301,11 @@ class CheckpointStore:
 
     def commit(self, manifest: dict, stage: dict, state: dict, in_progress: bool = False) -> None:
         """Writes the state, then the manifest that records it (as a completed stage, or with ``in_progress`` as
-        the stage's latest intra-stage checkpoint); removes the previous state files."""
+        the stage's latest intra-stage checkpoint); removes the previous state files. In a multi-process run only
+        rank 0 writes (the other ranks record the stage in their in-memory manifest)."""
+        if not is_main_process():
+            self._record(manifest, stage, in_progress)
+            return
         suffix = f"-step{stage['step']}" if in_progress else ""
         filename = f"stage{stage['index']}-{stage['name']}{suffix}.pt"
         path = self.directory / filename
@@ -303,15 +314,19 @@ class CheckpointStore:
         stage["sha256"] = sha256_file(path)
         stage["state_bytes"] = path.stat().st_size
         previous = self._state_files(manifest)
+        self._record(manifest, stage, in_progress)
+        atomic_write_json(self.manifest_path, manifest)
+        for old in previous:
+            if old != filename:
+                (self.directory / old).unlink(missing_ok=True)
+
+    @staticmethod
+    def _record(manifest: dict, stage: dict, in_progress: bool) -> None:
         if in_progress:
             manifest["in_progress"] = stage
         else:
             manifest.pop("in_progress", None)
             manifest["stages"].append(stage)
-        atomic_write_json(self.manifest_path, manifest)
-        for old in previous:
-            if old != filename:
-                (self.directory / old).unlink(missing_ok=True)
 
     @staticmethod
     def _state_files(manifest: dict) -> list[str]:
@@ -632,7 +647,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sa
 
 def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stage_seed: int, desc: str,
           collate, device: torch.device, make_after_step: Callable[[torch.optim.Optimizer], Any] | None = None,
-          resume: dict | None = None, save_progress: Callable[[dict], None] | None = None) -> dict:
+          resume: dict | None = None, save_progress: Callable[[dict], None] | None = None, writer=None) -> dict:
     """``steps`` AdamW steps with linear warmup/decay.
 
     ``make_after_step(optimizer)`` returns the hook whose ``step()`` runs after each optimizer step, before the
@@ -643,6 +658,7 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
 
     Every ``config.checkpoint_every`` steps ``save_progress(training_state)`` gets what is needed, besides the model,
     to continue exactly (optimizer, LR schedule, hook, data position, RNG, counters); ``resume`` is such a state.
+    ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` and the hook's density or alpha per step.
     """
     model.train()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
@@ -684,6 +700,8 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
                     if hook is not None:
                         hook.step()
                     counters["loss_sum"] += loss.item()
+                    if writer is not None:
+                        _write_step_scalars(writer, desc, step, loss.item(), hook)
                 else:
                     counters["skipped_steps"] += 1
                     counters["nonfinite_grad_steps"] += 1
@@ -698,6 +716,14 @@ def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stag
     done = steps - counters["skipped_steps"]
     return {"steps": steps, "skipped_steps": counters["skipped_steps"],
             "nonfinite_grad_steps": counters["nonfinite_grad_steps"], "mean_loss": counters["loss_sum"] / max(1, done)}
+
+
+def _write_step_scalars(writer, desc: str, step: int, loss: float, hook) -> None:
+    writer.add_scalar(f"{desc}/loss", loss, step)
+    if hasattr(hook, "density"):  # FirstOrderPruner, MagnitudePruningSchedule
+        writer.add_scalar(f"{desc}/density", hook.density(), step)
+    elif hasattr(hook, "alpha"):  # MixedRankScheduler
+        writer.add_scalar(f"{desc}/alpha", float(hook.alpha), step)
 
 
 def _apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, config: CompressionConfig, desc: str,
@@ -776,6 +802,7 @@ class CompressionRun:
     def __init__(self, config: CompressionConfig):
         config.validate()
         self.config = config
+        self.writer = None  # TensorBoard, opened by run() when config.tensorboard_dir is set
         self.task = get_task(config.task)
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
@@ -857,7 +884,8 @@ class CompressionRun:
         return train(state.model, self.train_set, self.config, steps, stage_seed, stage, self.collate, self.device,
                      make_after_step=make_after_step, resume=resume,
                      save_progress=None if self._save_progress is None else functools.partial(self._save_progress,
-                                                                                              state))
+                                                                                              state),
+                     writer=self.writer)
 
     def _stage_dense(self, state: _RunState, stage_seed: int) -> dict:
         if self.steps["dense"] == 0:
@@ -974,15 +1002,23 @@ class CompressionRun:
                 time.sleep(3600)
 
     # --------------------------------------------------------------------------------------------- main loop
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
     def run(self) -> dict:
-        if self.config.threads is None:
-            return self._run()
+        from lrsparse.scalars import open_summary_writer
+
+        self.writer = open_summary_writer(self.config.tensorboard_dir)
         saved = torch.get_num_threads()
-        torch.set_num_threads(self.config.threads)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
         try:
             return self._run()
         finally:
             torch.set_num_threads(saved)
+            if self.writer is not None:
+                self.writer.close()
 
     def _run(self) -> dict:
         config = self.config
@@ -1008,7 +1044,7 @@ class CompressionRun:
                      len(self.stage_names))
             state = self._restore(last)
         else:
-            if config.overwrite:
+            if config.overwrite and is_main_process():
                 (self.output_dir / "report.json").unlink(missing_ok=True)
                 shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
@@ -1035,6 +1071,8 @@ class CompressionRun:
             seconds = time.perf_counter() - t0
             log.info("stage %s done in %.1f s (%.1f s before evaluation): %s", name, seconds, train_seconds,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            for metric, value in metrics.items():  # x axis: the stage index
+                self._scalar(f"eval/{metric}", value, index)
             record = {"name": name, "index": index, "metrics": metrics, "seconds": seconds, **extra}
             self.store.commit(manifest, record, self._state_payload(state))
             if os.environ.get(FAIL_AFTER_STAGE_ENV) == name:
@@ -1063,6 +1101,8 @@ class CompressionRun:
                                                      extra={"task": self.task.name, "method": self.config.method,
                                                             "keep": self.config.keep})
         report["run_seconds"] = seconds
+        if not is_main_process():  # rank 0 writes the report and the manifest
+            return report
         atomic_write_json(self.output_dir / "report.json", report)
         manifest["completed"] = True
         atomic_write_json(self.store.manifest_path, manifest)
@@ -1150,6 +1190,8 @@ def finetune_dense(config: CompressionConfig, directory: str | os.PathLike) -> d
         metrics = evaluate(state.model, run.eval_set, run.task, config.eval_batch_size, run.collate, run.device,
                            desc="eval dense")
     directory = Path(directory)
+    if not is_main_process():
+        return metrics
     state.model.cpu().save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
     atomic_write_json(directory / "dense_metrics.json", {"metrics": metrics, "seconds": time.perf_counter() - t0,
