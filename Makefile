@@ -20,7 +20,7 @@ venv: $(VENV)/.deps
 
 # Wheel install of the package (extension built against the venv's torch) with the test extras.
 install: | $(VENV)/.deps
-	$(PIP) install --no-build-isolation ".[test,data,plot]"
+	$(PIP) install --no-build-isolation ".[test,data,plot,export,hf,tensorboard]"
 
 # In-place development build: compiles lrsparse/_C into python/lrsparse (use with PYTHONPATH=python).
 dev: | $(VENV)/.deps

@@ -1,4 +1,4 @@
-"""Command line: ``lrsparse compress | evaluate | inspect``."""
+"""Command line: ``lrsparse compress | evaluate | inspect | export``."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lrsparse.export import FORMATS
     from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
-                                   RANK_ALLOCATIONS, default_model)
+                                   NONFINITE_GRAD_MODES, RANK_ALLOCATIONS, default_model)
 
     parser = argparse.ArgumentParser(prog="lrsparse", description="Low-Rank Prune-And-Factorize compression")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -72,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     compress.add_argument("--threads", type=_positive_int, default=None,
                           help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
-    compress.add_argument("--resume", action="store_true", help="continue from the last completed stage")
+    compress.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    compress.add_argument("--checkpoint-every", type=_non_negative_int, default=200, metavar="N",
+                          help="also checkpoint every N optimizer steps inside the training stages (0: only after "
+                               "each stage)")
+    compress.add_argument("--nonfinite-grads", choices=NONFINITE_GRAD_MODES, default="skip",
+                          help="a training step with non-finite gradients is skipped (and counted) or an error")
     compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
+    compress.add_argument("--tensorboard", metavar="DIR", default=None,
+                          help="write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
@@ -94,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the validated report JSON instead")
     inspect.add_argument("--plot", metavar="PNG", default=None,
                          help="also draw per-layer density/rank and the main metric per stage into this PNG")
+
+    export = commands.add_parser("export", help="export a saved compressed model to ONNX, TorchScript or a "
+                                 "plain-PyTorch transformers folder (none needs lrsparse to run)")
+    export.add_argument("model", help="folder written by `lrsparse compress` (its model/ folder or the run folder)")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="pytorch: transformers folder (trust_remote_code), torchscript: .pt, onnx: .onnx")
+    export.add_argument("--out", required=True, help="output folder (pytorch) or file (torchscript, onnx)")
     return parser
 
 
@@ -116,7 +138,8 @@ def config_from_args(args: argparse.Namespace):
         factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
         blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
         resume=args.resume,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, nonfinite_grads=args.nonfinite_grads,
+        tensorboard_dir=args.tensorboard,
     )
 
 
@@ -130,14 +153,19 @@ def _compress(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
+def _model_dir(path: str):
     from pathlib import Path
 
+    model_dir = Path(path)
+    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
+        return model_dir / "model"  # a run folder
+    return model_dir
+
+
+def _evaluate(args) -> int:
     from lrsparse.pipeline import evaluate_saved
 
-    model_dir = Path(args.model)
-    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
-        model_dir = model_dir / "model"  # a run folder
+    model_dir = _model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
                              args.max_seq_len, args.device, args.seed, args.doc_stride)
     if args.json:
@@ -157,6 +185,17 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from lrsparse.export import describe, export_compressed
+
+    try:
+        path = export_compressed(_model_dir(args.model), args.format, args.out)
+    except ImportError as exc:  # a missing optional package: the message says what to install
+        raise ValueError(str(exc)) from exc
+    print(describe(path))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from lrsparse.pipeline import CheckpointError
 
-    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}
+    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError) as exc:
         if args.log_level == "DEBUG":
             raise
         print(f"lrsparse {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrsparse.distributed import is_main_process
 from lrsparse.layers import LowRankLinear, MixedRankLinear, _replace_module
 from lrsparse.targets import is_target_layer, linear_shape
 
@@ -72,7 +73,8 @@ def save_compressed(
     """Writes config, tokenizer (optional), ``model.safetensors`` and ``lrsparse_layers.json`` into ``directory``.
 
     Every file is written to a staging folder, fsynced, then renamed into place (the manifest last, so a directory
-    with a manifest is complete). Returns the total bytes written.
+    with a manifest is complete). Returns the total bytes written. In a multi-process (DDP) run only rank 0 writes;
+    the other ranks check the model and return 0.
     """
     from safetensors.torch import save_file
 
@@ -90,6 +92,8 @@ def save_compressed(
         except TypeError as exc:
             raise TypeError(f"extra must be JSON-serializable: {exc}") from exc
 
+    if not is_main_process():
+        return 0
     state = model.state_dict()
     aliases = _shared_storage_aliases(state)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items() if name not in aliases}

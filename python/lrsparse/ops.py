@@ -26,6 +26,19 @@ __all__ = [
 ]
 
 
+def _check_same_device(reference_name: str, reference: Tensor, **tensors: Tensor | None) -> None:
+    """check_same_device of csrc/checks.h for the fake kernels: a call mixing a ``meta`` tensor with real ones is
+    dispatched to them (Meta outranks CPU/CUDA), so the C++ checks never see it."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise RuntimeError(f"{name} must be on the device of {reference_name} ({reference.device}), got "
+                               f"{tensor.device}")
+
+
+def _indexed(name: str, tensors) -> dict[str, Tensor]:
+    return {f"{name}[{i}]": t for i, t in enumerate(tensors)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # accumulate_importance_
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +72,7 @@ def _accumulate_importance_fake(
     criterion="sensitivity",
 ):
     # Defaults as in the schema: the dispatcher drops trailing arguments equal to their defaults.
+    _check_same_device("weight", weight, grad=grad, ema=ema, uncertainty=uncertainty, mask=mask, fisher=fisher)
     return None
 
 
@@ -82,6 +96,9 @@ def global_topk_threshold(
 
 @torch.library.register_fake("lrsparse::global_topk_threshold")
 def _global_topk_threshold_fake(ema, uncertainty, masks, k):
+    if len(ema):
+        _check_same_device("ema[0]", ema[0], **_indexed("ema", ema), **_indexed("uncertainty", uncertainty),
+                           **_indexed("masks", masks))
     device = ema[0].device if len(ema) else torch.device("cpu")
     return (torch.empty((), dtype=torch.float32, device=device), torch.empty((), dtype=torch.int64, device=device))
 
@@ -100,6 +117,10 @@ def apply_threshold_mask_(
 
 @torch.library.register_fake("lrsparse::apply_threshold_mask_")
 def _apply_threshold_mask_fake(masks, weights, ema, uncertainty, threshold, ties_to_keep):
+    # threshold and ties_to_keep are read as values: any device will do.
+    if len(ema):
+        _check_same_device("ema[0]", ema[0], **_indexed("ema", ema), **_indexed("uncertainty", uncertainty),
+                           **_indexed("masks", masks), **_indexed("weights", weights))
     return None
 
 
@@ -127,8 +148,10 @@ def weighted_lowrank(
 
 
 @torch.library.register_fake("lrsparse::weighted_lowrank")
-def _weighted_lowrank_fake(weight, rank, omega, max_iters, tol, seed, oversample):
+def _weighted_lowrank_fake(weight, rank, omega=None, max_iters=100, tol=1e-6, seed=0, oversample=10):
+    # Defaults as in the schema: the dispatcher drops trailing arguments equal to their defaults.
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    _check_same_device("weight", weight, omega=omega)
     m, n = weight.shape
     return weight.new_empty((m, rank)), weight.new_empty((rank, n))
 
@@ -157,11 +180,13 @@ def mixed_rank_linear(
 @torch.library.register_fake("lrsparse::mixed_rank_linear")
 def _mixed_rank_linear_fake(x, U, V, bias=None, sparse_weight=None, sparse_mask=None, alpha=1.0):
     # Defaults as in the schema: the dispatcher drops trailing arguments equal to their defaults.
+    _check_same_device("x", x, U=U, V=V, bias=bias, sparse_weight=sparse_weight, sparse_mask=sparse_mask)
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
 @torch.library.register_fake("lrsparse::mixed_rank_linear_backward")
 def _mixed_rank_linear_backward_fake(grad_out, x, U, V, sparse_weight, sparse_mask, alpha, output_mask):
+    _check_same_device("x", x, grad_out=grad_out, U=U, V=V, sparse_weight=sparse_weight, sparse_mask=sparse_mask)
     # The CPU/CUDA kernels return contiguous gradients whatever the layout of the inputs.
     grads = (
         x.new_empty(x.shape),

@@ -13,10 +13,13 @@ Stages, each followed by an evaluation on the dev split and an atomic checkpoint
 prune-only stops after stage 2 and saves the sparse model. The result is saved with :func:`lrsparse.io
 .save_compressed` in ``<output>/model`` and described in ``<output>/report.json``.
 
-Checkpoints live in ``<output>/checkpoint``: one state file per completed stage (only the latest is kept) and
+Checkpoints live in ``<output>/checkpoint``: the state file of the latest checkpoint (only that one is kept) and
 ``manifest.json`` (config, per-stage metrics and the state file's SHA-256), each written to a temporary file,
-fsynced and renamed; the manifest is written last, so a stage counts as done only once its state is on disk.
-Every stage seeds the RNGs from (seed, stage index), so a resumed run repeats an uninterrupted one exactly (CPU).
+fsynced and renamed; the manifest is written last, so a checkpoint counts only once its state is on disk. A
+checkpoint is taken after every stage and, inside the training stages, every ``checkpoint_every`` optimizer steps
+(the manifest's ``in_progress`` record): such a state also holds the optimizer, LR schedule, pruner or mixed-rank
+schedule, data-order position and RNG state, so ``--resume`` continues the stage at that step. Every stage seeds
+the RNGs from (seed, stage index), so a resumed run repeats an uninterrupted one exactly (CPU).
 
 Task specifics (data, tokenization, head, metrics) come from :mod:`lrsparse.tasks`; a question answering example can
 yield several overlapping windows, and training epochs count windows, not questions.
@@ -24,6 +27,7 @@ yield several overlapping windows, and training epochs count windows, not questi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -37,12 +41,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from lrsparse.data import GlueTask, PaddingCollator
+from lrsparse.distributed import is_main_process
 from lrsparse.tasks import ClassificationTask, QuestionAnsweringTask, resolve_task
 
 Task = ClassificationTask | QuestionAnsweringTask
@@ -56,8 +61,12 @@ MIXED_RANK_STRATEGIES = ("blend", "stochastic", "none")
 DENSE_FINETUNE_MODES = ("auto", "force", "skip")
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHECKPOINT_FORMAT = 1
+NONFINITE_GRAD_MODES = ("skip", "error")
 # Testing hook: the process exits abruptly right after the named stage's checkpoint is committed (simulated crash).
 FAIL_AFTER_STAGE_ENV = "LRSPARSE_FAIL_AFTER_STAGE"
+# Testing hook, "<stage>:<step>": the process stops (sleeps) right after committing that intra-stage checkpoint, so a
+# test can kill it at a known point.
+PAUSE_AFTER_CHECKPOINT_ENV = "LRSPARSE_PAUSE_AFTER_CHECKPOINT"
 
 # Which factorizations each method may use (first = default). svd/fwsvd factorize an unpruned model, which has no
 # importance scores for the sparsity-aware weighting; magnitude pruning collects neither importance nor Fisher.
@@ -118,8 +127,12 @@ class CompressionConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False
+    checkpoint_every: int = 200  # optimizer steps between intra-stage checkpoints; 0: stage checkpoints only
+    nonfinite_grads: str = "skip"  # a step whose gradients are not finite is skipped (and counted) or an error
+    tensorboard_dir: str | None = None  # TensorBoard scalars: loss, density, alpha, eval metrics
 
-    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir")
+    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "checkpoint_every", "nonfinite_grads",
+                   "tensorboard_dir")
 
     def resolved_factorization(self) -> str | None:
         allowed = _METHOD_FACTORIZATIONS[self.method]
@@ -142,7 +155,7 @@ class CompressionConfig:
                     f"(allowed: {list(allowed) or 'none, it does not factorize'})"
                 )
         for name, choices in (("rank_allocation", RANK_ALLOCATIONS), ("mixed_rank", MIXED_RANK_STRATEGIES),
-                              ("dense_finetune", DENSE_FINETUNE_MODES)):
+                              ("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -153,6 +166,9 @@ class CompressionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0 disables), got {self.checkpoint_every!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be an integer >= 8, got {self.max_seq_len!r}")
         if self.doc_stride is not None:
@@ -182,6 +198,10 @@ class CompressionConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
+        if self.tensorboard_dir is not None:
+            from lrsparse.scalars import summary_writer_class
+
+            summary_writer_class(self.tensorboard_dir)
 
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (compared on --resume)."""
@@ -269,7 +289,11 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointStore:
-    """``<output>/checkpoint``: the manifest plus the state file of the latest completed stage."""
+    """``<output>/checkpoint``: the manifest plus the state file of the latest checkpoint.
+
+    ``manifest["stages"]`` records the completed stages; ``manifest["in_progress"]``, when present, an intra-stage
+    checkpoint of the stage after them (its state supersedes the last completed stage's).
+    """
 
     def __init__(self, output_dir: Path):
         self.directory = output_dir / "checkpoint"
@@ -287,24 +311,43 @@ class CheckpointStore:
             raise CheckpointError(f"{self.manifest_path} is not a version-{CHECKPOINT_FORMAT} lrsparse checkpoint")
         return manifest
 
-    def commit(self, manifest: dict, stage: dict, state: dict) -> None:
-        """Writes the stage's state, then the manifest that records it; removes the previous state file."""
-        filename = f"stage{stage['index']}-{stage['name']}.pt"
+    def commit(self, manifest: dict, stage: dict, state: dict, in_progress: bool = False) -> None:
+        """Writes the state, then the manifest that records it (as a completed stage, or with ``in_progress`` as
+        the stage's latest intra-stage checkpoint); removes the previous state files. In a multi-process run only
+        rank 0 writes (the other ranks record the stage in their in-memory manifest)."""
+        if not is_main_process():
+            self._record(manifest, stage, in_progress)
+            return
+        suffix = f"-step{stage['step']}" if in_progress else ""
+        filename = f"stage{stage['index']}-{stage['name']}{suffix}.pt"
         path = self.directory / filename
         atomic_write(path, lambda handle: torch.save(state, handle))
         stage["state_file"] = filename
         stage["sha256"] = sha256_file(path)
         stage["state_bytes"] = path.stat().st_size
-        previous = [s.get("state_file") for s in manifest["stages"]]
-        manifest["stages"].append(stage)
+        previous = self._state_files(manifest)
+        self._record(manifest, stage, in_progress)
         atomic_write_json(self.manifest_path, manifest)
         for old in previous:
-            if old and old != filename:
+            if old != filename:
                 (self.directory / old).unlink(missing_ok=True)
 
+    @staticmethod
+    def _record(manifest: dict, stage: dict, in_progress: bool) -> None:
+        if in_progress:
+            manifest["in_progress"] = stage
+        else:
+            manifest.pop("in_progress", None)
+            manifest["stages"].append(stage)
+
+    @staticmethod
+    def _state_files(manifest: dict) -> list[str]:
+        records = [*manifest["stages"], *([manifest["in_progress"]] if "in_progress" in manifest else [])]
+        return [r["state_file"] for r in records if r.get("state_file")]
+
     def remove_states(self, manifest: dict) -> None:
-        for stage in manifest["stages"]:
-            (self.directory / stage["state_file"]).unlink(missing_ok=True)
+        for filename in self._state_files(manifest):
+            (self.directory / filename).unlink(missing_ok=True)
 
     def load_state(self, stage: dict) -> dict:
         path = self.directory / stage["state_file"]
@@ -344,6 +387,30 @@ def load_model_config(source: str):
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model {source!r} cannot be loaded (a local checkpoint folder or a hub name): {exc}") from exc
+
+
+def check_tokenizer_fits(tokenizer, model_config, max_seq_len: int, model: str) -> None:
+    """Raises ValueError when ``tokenizer`` can produce token ids or sequence lengths that ``model_config`` has no
+    embeddings for (the model would fail mid-training with an index error, or silently on some backends)."""
+    tokens = len(tokenizer)
+    vocab_size = getattr(model_config, "vocab_size", None)
+    if vocab_size is not None and tokens > vocab_size:
+        raise ValueError(
+            f"tokenizer of {model!r} has {tokens} tokens (ids up to {tokens - 1}) but the model's vocab_size is "
+            f"{vocab_size}: the tokenizer does not belong to this model"
+        )
+    limits = {}
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None:
+        limits["model max_position_embeddings"] = int(positions)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if tokenizer_max is not None and tokenizer_max < 1_000_000:  # transformers' "no limit" is a huge sentinel
+        limits["tokenizer model_max_length"] = int(tokenizer_max)
+    if limits and max_seq_len > min(limits.values()):
+        raise ValueError(
+            f"max_seq_len {max_seq_len} exceeds what {model!r} supports ("
+            + ", ".join(f"{name} {value}" for name, value in limits.items()) + ")"
+        )
 
 
 def load_task_model(source: str, task: GlueTask | Task, keep_head: bool) -> nn.Module:
@@ -492,12 +559,34 @@ def seed_stage(seed: int, stage_index: int) -> int:
     return stage_seed
 
 
-def _batches(dataset, batch_size: int, collate, seed: int) -> Iterator[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                             generator=generator)
-        yield from loader
+class _BatchStream:
+    """Endless shuffled batches of ``dataset``. Epoch ``e`` is a permutation drawn from a generator seeded with
+    ``(seed, e)``, so the position (epoch, batches taken in it) is all a resumed stage needs to see the same batches.
+    The last batch of an epoch may be smaller (as a DataLoader without drop_last)."""
+
+    def __init__(self, dataset, batch_size: int, collate, seed: int):
+        self.dataset, self.batch_size, self.collate, self.seed = dataset, batch_size, collate, seed
+        self.batches_per_epoch = math.ceil(len(dataset) / batch_size)
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def __next__(self) -> dict:
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed + (self.epoch << 32))
+            self._order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        start = self.index * self.batch_size
+        self.index += 1
+        return self.collate([self.dataset[i] for i in self._order[start:start + self.batch_size]])
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise CheckpointError(f"data order seed {state['seed']} of the checkpoint differs from {self.seed}")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -523,41 +612,139 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    # Parameter names alongside the positional state: a resumed stage rebuilds its optimizer from a reloaded model
+    # (where, after the mixed-rank blend, the sparse weights are gone) and must pair each state with its tensor.
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {"param_names": [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups],
+            "state": optimizer.state_dict()}
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
+    params = dict(model.named_parameters())
+    if len(saved["param_names"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint optimizer has {len(saved['param_names'])} parameter groups, expected "
+                              f"{len(optimizer.param_groups)}")
+    for group, names in zip(optimizer.param_groups, saved["param_names"]):
+        if not set(names) <= params.keys() or {id(params[n]) for n in names} != {id(p) for p in group["params"]}:
+            raise CheckpointError("checkpoint optimizer parameters do not match the model's trainable parameters")
+        group["params"] = [params[name] for name in names]
+    optimizer.load_state_dict(saved["state"])
+
+
 def train(model: nn.Module, dataset, config: CompressionConfig, steps: int, stage_seed: int, desc: str,
-          collate, device: torch.device,
-          make_after_step: Callable[[torch.optim.Optimizer], Callable[[], None]] | None = None) -> dict:
-    """``steps`` AdamW steps with linear warmup/decay. ``make_after_step(optimizer)`` returns the hook run after
-    each optimizer step, before the gradients are cleared (pruner.step, the alpha schedule); it gets the optimizer
-    because the mixed-rank scheduler drops the sparse weights from it. Steps with a non-finite loss are skipped and
-    counted."""
+          collate, device: torch.device, make_after_step: Callable[[torch.optim.Optimizer], Any] | None = None,
+          resume: dict | None = None, save_progress: Callable[[dict], None] | None = None, writer=None) -> dict:
+    """``steps`` AdamW steps with linear warmup/decay.
+
+    ``make_after_step(optimizer)`` returns the hook whose ``step()`` runs after each optimizer step, before the
+    gradients are cleared (the pruner, the mixed-rank alpha schedule), or None; it gets the optimizer because the
+    mixed-rank scheduler drops the sparse weights from it, and its ``state_dict()`` goes into the checkpoints.
+    Steps with a non-finite loss are skipped and counted; so are steps with non-finite gradients, unless
+    ``config.nonfinite_grads`` is "error" (FloatingPointError naming the step and the parameters).
+
+    Every ``config.checkpoint_every`` steps ``save_progress(training_state)`` gets what is needed, besides the model,
+    to continue exactly (optimizer, LR schedule, hook, data position, RNG, counters); ``resume`` is such a state.
+    ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` and the hook's density or alpha per step.
+    """
     model.train()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
-    after_step = None if make_after_step is None else make_after_step(optimizer)
+    hook = None if make_after_step is None else make_after_step(optimizer)
     scheduler = _linear_schedule(optimizer, steps, config.warmup_ratio)
-    batches = _batches(dataset, config.batch_size, collate, stage_seed)
-    skipped, loss_sum = 0, 0.0
+    batches = _BatchStream(dataset, config.batch_size, collate, stage_seed)
+    counters = {"step": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "loss_sum": 0.0}
+
+    def training_state() -> dict:
+        return {"counters": dict(counters), "optimizer": _optimizer_state(optimizer, model),
+                "lr_scheduler": scheduler.state_dict(), "hook": None if hook is None else hook.state_dict(),
+                "batches": batches.state_dict(), "rng": _rng_state(device)}
+
+    if resume is not None:
+        if resume["counters"]["step"] >= steps:
+            raise CheckpointError(f"{desc}: checkpoint at step {resume['counters']['step']} of a {steps}-step stage")
+        _load_optimizer_state(optimizer, model, resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        if hook is not None:
+            if resume["hook"] is None:
+                raise CheckpointError(f"{desc}: the checkpoint has no state for its {type(hook).__name__}")
+            hook.load_state_dict(resume["hook"])
+        batches.load_state_dict(resume["batches"])
+        counters.update(resume["counters"])
+        _set_rng_state(resume["rng"], device)
+        log.info("%s: resuming at step %d of %d", desc, counters["step"], steps)
     with _progress(steps, desc) as bar:
-        for step in range(steps):
+        bar.update(counters["step"])
+        while counters["step"] < steps:
+            step = counters["step"] + 1
             batch = _to_device(next(batches), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("%s step %d: non-finite loss %s, step skipped", desc, step + 1, float(loss))
+                counters["skipped_steps"] += 1
+                log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))
             else:
                 loss.backward()
-                if config.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                             config.max_grad_norm)
-                optimizer.step()
-                if after_step is not None:
-                    after_step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.item()
+                if _apply_gradients(model, optimizer, config, desc, step):
+                    if hook is not None:
+                        hook.step()
+                    counters["loss_sum"] += loss.item()
+                    if writer is not None:
+                        _write_step_scalars(writer, desc, step, loss.item(), hook)
+                else:
+                    counters["skipped_steps"] += 1
+                    counters["nonfinite_grad_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            counters["step"] = step
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(1, step + 1 - skipped):.4f}")
-    return {"steps": steps, "skipped_steps": skipped, "mean_loss": loss_sum / max(1, steps - skipped)}
+            bar.set_postfix(loss=f"{counters['loss_sum'] / max(1, step - counters['skipped_steps']):.4f}")
+            if save_progress is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and step < steps:
+                save_progress(training_state())
+    done = steps - counters["skipped_steps"]
+    return {"steps": steps, "skipped_steps": counters["skipped_steps"],
+            "nonfinite_grad_steps": counters["nonfinite_grad_steps"], "mean_loss": counters["loss_sum"] / max(1, done)}
+
+
+def _write_step_scalars(writer, desc: str, step: int, loss: float, hook) -> None:
+    writer.add_scalar(f"{desc}/loss", loss, step)
+    if hasattr(hook, "density"):  # FirstOrderPruner, MagnitudePruningSchedule
+        writer.add_scalar(f"{desc}/density", hook.density(), step)
+    elif hasattr(hook, "alpha"):  # MixedRankScheduler
+        writer.add_scalar(f"{desc}/alpha", float(hook.alpha), step)
+
+
+def _apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, config: CompressionConfig, desc: str,
+                     step: int) -> bool:
+    """Clips and applies the gradients; returns False (nothing applied) when they are not all finite.
+
+    A non-finite gradient would turn every weight into NaN through the clipping factor and Adam's moments, so such
+    a step is skipped, or with ``nonfinite_grads="error"`` raises naming the step and the parameters.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    total_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if not bool(torch.isfinite(total_norm)):
+        names = [name for name, p in model.named_parameters()
+                 if p.grad is not None and not bool(p.grad.isfinite().all())]
+        if config.nonfinite_grads == "error":
+            raise FloatingPointError(f"{desc} step {step}: non-finite gradient in parameter(s) {names} "
+                                      "(nonfinite_grads='error'; use 'skip' to skip such steps)")
+        log.warning("%s step %d: non-finite gradient in %s, step skipped", desc, step, names)
+        return False
+    if config.max_grad_norm > 0:
+        nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, total_norm)
+    optimizer.step()
+    return True
 
 
 @contextmanager
@@ -607,6 +794,7 @@ class _RunState:
     model: nn.Module
     pruner: Any = None  # FirstOrderPruner (lpaf, prune-only, fwsvd) or MagnitudePruningSchedule
     layers: list = field(default_factory=list)
+    training: dict | None = None  # the training loop's state of an intra-stage checkpoint to continue from
 
 
 class CompressionRun:
@@ -615,6 +803,7 @@ class CompressionRun:
     def __init__(self, config: CompressionConfig):
         config.validate()
         self.config = config
+        self.writer = None  # TensorBoard, opened by run() when config.tensorboard_dir is set
         self.task = resolve_task(config.task)
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
@@ -641,6 +830,8 @@ class CompressionRun:
             "mixed_rank": steps_for(config.mixed_epochs, train_size, config.batch_size),
         }
         self.steps["finetune"] = self.steps["prune"]
+        # Set by run() for the stage in progress: _commit_progress bound to that stage (intra-stage checkpoints).
+        self._save_progress: Callable[[_RunState, dict], None] | None = None
 
     def _check_output_dir(self) -> None:
         if self.config.resume:
@@ -667,6 +858,7 @@ class CompressionRun:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        check_tokenizer_fits(self.tokenizer, self.model_config, self.config.max_seq_len, self.config.model)
         self.collate = PaddingCollator(self.tokenizer.pad_token_id or 0)
         config = self.config
         tokenize = self.task.tokenize
@@ -693,11 +885,19 @@ class CompressionRun:
         return find_targets(model)
 
     # --------------------------------------------------------------------------------------------- stages
+    def _train(self, state: _RunState, stage: str, steps: int, stage_seed: int, make_after_step=None) -> dict:
+        """``train`` for the stage in progress, continuing ``state.training`` and checkpointing along the way."""
+        resume, state.training = state.training, None
+        return train(state.model, self.train_set, self.config, steps, stage_seed, stage, self.collate, self.device,
+                     make_after_step=make_after_step, resume=resume,
+                     save_progress=None if self._save_progress is None else functools.partial(self._save_progress,
+                                                                                              state),
+                     writer=self.writer)
+
     def _stage_dense(self, state: _RunState, stage_seed: int) -> dict:
         if self.steps["dense"] == 0:
             return {"trained": False, "steps": 0}
-        stats = train(state.model, self.train_set, self.config, self.steps["dense"], stage_seed, "dense",
-                      self.collate, self.device)
+        stats = self._train(state, "dense", self.steps["dense"], stage_seed)
         return {"trained": True, **stats}
 
     def _new_first_order_pruner(self, model: nn.Module, final_density: float):
@@ -722,15 +922,15 @@ class CompressionRun:
         return None
 
     def _stage_prune(self, state: _RunState, stage_seed: int) -> dict:
-        state.pruner = self._new_pruner(state.model)
+        # Checkpoints inside this stage hold the pruner as the training hook; it joins the run state once done.
+        pruner = self._new_pruner(state.model)
         name = "prune" if self.config.method not in ("svd", "fwsvd") else "finetune"
-        stats = train(state.model, self.train_set, self.config, self.steps["prune"], stage_seed, name,
-                      self.collate, self.device,
-                      make_after_step=None if state.pruner is None else lambda optimizer: state.pruner.step)
+        stats = self._train(state, name, self.steps["prune"], stage_seed,
+                            make_after_step=None if pruner is None else lambda optimizer: pruner)
+        state.pruner = pruner
         extra = dict(stats)
         if state.pruner is not None:
             extra["density"] = state.pruner.density()
-            extra["nonfinite_steps"] = getattr(state.pruner, "nonfinite_steps", 0)
         if self.config.method == "prune-only":
             masks = state.pruner.masks
             state.layers = [
@@ -758,7 +958,7 @@ class CompressionRun:
         return {"mean_relative_error": sum(r["relative_error"] for r in state.layers) / max(1, len(state.layers))}
 
     def _stage_mixed_rank(self, state: _RunState, stage_seed: int) -> dict:
-        from lrsparse.layers import MixedRankScheduler, finalize_low_rank
+        from lrsparse.layers import MixedRankLinear, MixedRankScheduler, finalize_low_rank
 
         steps = self.steps["mixed_rank"]
         if steps == 0:
@@ -766,45 +966,66 @@ class CompressionRun:
             return {"steps": 0}
 
         def make_scheduler(optimizer):
-            scheduler = MixedRankScheduler(state.model, steps, blend_fraction=self.config.blend_fraction,
-                                           strategy=self.config.mixed_rank, optimizer=optimizer)
-            return scheduler.step
+            if not any(isinstance(m, MixedRankLinear) for m in state.model.modules()):
+                return None  # resumed after alpha reached 1: the model is low-rank already, nothing left to blend
+            return MixedRankScheduler(state.model, steps, blend_fraction=self.config.blend_fraction,
+                                      strategy=self.config.mixed_rank, optimizer=optimizer)
 
-        stats = train(state.model, self.train_set, self.config, steps, stage_seed, "mixed_rank", self.collate,
-                      self.device, make_after_step=make_scheduler)
+        stats = self._train(state, "mixed_rank", steps, stage_seed, make_after_step=make_scheduler)
         finalize_low_rank(state.model)  # no-op when alpha reached 1 (blend_fraction < 1)
         return stats
 
     # --------------------------------------------------------------------------------------------- checkpoints
-    def _state_payload(self, state: _RunState) -> dict:
+    def _state_payload(self, state: _RunState, training: dict | None = None) -> dict:
         payload = {
             "model_config": state.model.config.to_json_string(use_diff=False),
             "structure": module_structure(state.model),
             "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
             "pruner": None if state.pruner is None else state.pruner.state_dict(),
             "layers": json.dumps(state.layers),
+            "training": training,
         }
         return payload
 
     def _restore(self, stage_record: dict) -> _RunState:
         payload = self.store.load_state(stage_record)
         model = self._model_from_state(payload)
-        state = _RunState(model=model, layers=json.loads(payload["layers"]))
+        state = _RunState(model=model, layers=json.loads(payload["layers"]), training=payload.get("training"))
         if payload["pruner"] is not None:
             state.pruner = self._new_pruner(model)
             state.pruner.load_state_dict(payload["pruner"])
         return state
 
+    def _commit_progress(self, manifest: dict, index: int, name: str, state: _RunState, training: dict) -> None:
+        """Commits an intra-stage checkpoint of stage ``index``: the run state plus the training loop's state."""
+        step = training["counters"]["step"]
+        record = {"name": name, "index": index, "step": step}
+        self.store.commit(manifest, record, self._state_payload(state, training), in_progress=True)
+        log.info("checkpoint: %s step %d", name, step)
+        if os.environ.get(PAUSE_AFTER_CHECKPOINT_ENV) == f"{name}:{step}":
+            log.error("%s=%s: pausing after this checkpoint", PAUSE_AFTER_CHECKPOINT_ENV, f"{name}:{step}")
+            logging.shutdown()
+            while True:
+                time.sleep(3600)
+
     # --------------------------------------------------------------------------------------------- main loop
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
     def run(self) -> dict:
-        if self.config.threads is None:
-            return self._run()
+        from lrsparse.scalars import open_summary_writer
+
+        self.writer = open_summary_writer(self.config.tensorboard_dir)
         saved = torch.get_num_threads()
-        torch.set_num_threads(self.config.threads)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
         try:
             return self._run()
         finally:
             torch.set_num_threads(saved)
+            if self.writer is not None:
+                self.writer.close()
 
     def _run(self) -> dict:
         config = self.config
@@ -816,13 +1037,21 @@ class CompressionRun:
                 log.info("run in %s is already complete; nothing to resume", self.output_dir)
                 return json.loads((self.output_dir / "report.json").read_text(encoding="utf-8"))
         self._prepare()
-        if manifest is not None and manifest["stages"]:
+        if manifest is not None and "in_progress" in manifest:
+            current = manifest["in_progress"]
+            if current["index"] != len(manifest["stages"]) or current["name"] != self.stage_names[current["index"]]:
+                raise CheckpointError(f"{self.store.manifest_path}: in-progress stage {current['name']!r} does not "
+                                      f"follow the {len(manifest['stages'])} completed stage(s)")
+            log.info("resuming stage %r at step %d (%d of %d stages done)", current["name"], current["step"],
+                     len(manifest["stages"]), len(self.stage_names))
+            state = self._restore(current)
+        elif manifest is not None and manifest["stages"]:
             last = manifest["stages"][-1]
             log.info("resuming after stage %r (%d of %d done)", last["name"], len(manifest["stages"]),
                      len(self.stage_names))
             state = self._restore(last)
         else:
-            if config.overwrite:
+            if config.overwrite and is_main_process():
                 (self.output_dir / "report.json").unlink(missing_ok=True)
                 shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
@@ -839,7 +1068,9 @@ class CompressionRun:
             t0 = time.perf_counter()
             stage_fn = {"dense": self._stage_dense, "prune": self._stage_prune, "finetune": self._stage_prune,
                         "factorize": self._stage_factorize, "mixed_rank": self._stage_mixed_rank}[name]
+            self._save_progress = functools.partial(self._commit_progress, manifest, index, name)
             extra = stage_fn(state, stage_seed)
+            self._save_progress = None
             train_seconds = time.perf_counter() - t0
             with low_rank_only(state.model):
                 metrics = evaluate(state.model, self.eval_set, self.task, config.eval_batch_size, self.collate,
@@ -847,6 +1078,8 @@ class CompressionRun:
             seconds = time.perf_counter() - t0
             log.info("stage %s done in %.1f s (%.1f s before evaluation): %s", name, seconds, train_seconds,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            for metric, value in metrics.items():  # x axis: the stage index
+                self._scalar(f"eval/{metric}", value, index)
             record = {"name": name, "index": index, "metrics": metrics, "seconds": seconds, **extra}
             self.store.commit(manifest, record, self._state_payload(state))
             if os.environ.get(FAIL_AFTER_STAGE_ENV) == name:
@@ -875,6 +1108,8 @@ class CompressionRun:
                                                      extra={"task": self.task.name, "method": self.config.method,
                                                             "keep": self.config.keep})
         report["run_seconds"] = seconds
+        if not is_main_process():  # rank 0 writes the report and the manifest
+            return report
         atomic_write_json(self.output_dir / "report.json", report)
         manifest["completed"] = True
         atomic_write_json(self.store.manifest_path, manifest)
@@ -959,6 +1194,8 @@ def finetune_dense(config: CompressionConfig, directory: str | os.PathLike) -> d
         metrics = evaluate(state.model, run.eval_set, run.task, config.eval_batch_size, run.collate, run.device,
                            desc="eval dense")
     directory = Path(directory)
+    if not is_main_process():
+        return metrics
     state.model.cpu().save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
     atomic_write_json(directory / "dense_metrics.json", {"metrics": metrics, "seconds": time.perf_counter() - t0,

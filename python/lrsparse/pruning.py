@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lrsparse import ops
+from lrsparse.distributed import check_same_across_ranks
 from lrsparse.targets import find_targets
 
 CRITERIA = ("sensitivity", "movement")
@@ -143,11 +144,24 @@ class FirstOrderPruner:
         step = self.step_count if step is None else step
         return cubic_density(step, self.final_density, self.total_steps, self.initial_warmup, self.final_warmup)
 
-    def _is_mask_step(self, step: int) -> bool:
+    def is_mask_step(self, step: int) -> bool:
+        """Whether ``step()`` number ``step`` (1-based) updates the masks."""
         # Also on the step the schedule reaches final_density, so it is met exactly whatever delta_t divides.
         return step > self.initial_warmup and (
             step % self.delta_t == 0 or step == self.total_steps - self.final_warmup
         )
+
+    def scheduled_live_count(self, step: int | None = None) -> int:
+        """Entries alive after ``step`` steps (default: the steps taken) when every scheduled mask update ran:
+        ``round(density * total_params)`` at the last mask step (the density never rises, pruned entries stay
+        pruned), or all of them before the first mask step."""
+        step = self.step_count if step is None else step
+        last = self.total_steps - self.final_warmup
+        if step < last:
+            last = step - step % self.delta_t
+        if last <= self.initial_warmup:
+            return self.total_params
+        return _global_k(self.scheduled_density(last), self.total_params)
 
     # ------------------------------------------------------------------------------------------------ training
     def step(self) -> None:
@@ -170,7 +184,7 @@ class FirstOrderPruner:
             else:
                 bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
                 raise FloatingPointError(f"non-finite gradients in targets {bad} at step {self.step_count}")
-            if self._is_mask_step(self.step_count):
+            if self.is_mask_step(self.step_count):
                 self.update_mask()
             self.apply_masks()
 
@@ -206,6 +220,8 @@ class FirstOrderPruner:
         weights = [self.targets[n].weight.detach() for n in names]
         ops.apply_threshold_mask_(masks, weights, ema, unc, threshold, ties)
         self.mask_updates += 1
+        # Under DDP every rank prunes on its own; equal all-reduced gradients must give equal masks (a collective).
+        check_same_across_ranks(masks + ema, "pruning masks and importance scores")
         return True
 
     @torch.no_grad()

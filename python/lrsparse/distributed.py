@@ -1,0 +1,66 @@
+"""What lrsparse needs from ``torch.distributed``: who writes files, and a check that ranks agree.
+
+Under DistributedDataParallel every rank holds the same weights and, after ``backward()``, the same all-reduced
+(averaged) gradients, so :class:`lrsparse.pruning.FirstOrderPruner` computes the same importance scores and masks on
+every rank without any communication of its own. :func:`check_same_across_ranks` verifies that cheaply at each mask
+update, so a pruner fed local (not all-reduced) gradients fails loudly instead of pruning each rank differently.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is active."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in a single-process run: the process that writes checkpoints, reports and logs."""
+    return rank() == 0
+
+
+@torch.no_grad()
+def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """Two float64 numbers that differ between rank-local copies of ``tensors`` unless they are equal (almost
+    surely): the sum, and the sum weighted by each entry's position in the concatenation."""
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+    weighted = torch.zeros_like(total)
+    offset = 0
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1).double()
+        position = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        total += flat.sum()
+        weighted += (flat * position.remainder(1009.0)).sum()  # small weights: no precision lost to huge positions
+        offset += flat.numel()
+    return torch.stack([total, weighted])
+
+
+@torch.no_grad()
+def check_same_across_ranks(tensors: Sequence[Tensor], what: str) -> None:
+    """Raises RuntimeError when ``tensors`` differ between ranks (no-op outside a multi-rank process group).
+
+    Every rank must call it at the same point (it is a collective): the fingerprints are all-reduced with MIN and
+    MAX and must be equal.
+    """
+    if not is_distributed() or not tensors:
+        return
+    local = fingerprint(tensors)
+    low, high = local.clone(), local.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            f"{what} differ between ranks (rank {rank()} fingerprint {local.tolist()}, range {low.tolist()} .. "
+            f"{high.tolist()}): the pruner must read the all-reduced gradients of a DistributedDataParallel "
+            "model (pruner.step() after loss.backward() on the DDP-wrapped model, never under no_sync) and every "
+            "rank must start from the same weights"
+        )

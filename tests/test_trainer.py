@@ -1,0 +1,310 @@
+"""lrsparse.hf callbacks inside a real transformers.Trainer: the pruning phase on real MiniLM and SST-2 reaches the
+cubic schedule's density at every step and gives the same masks and weights as the plain loop with
+FirstOrderPruner; the mixed-rank phase ends low-rank within budget; every misuse fails loudly."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+from lrsparse.data import PaddingCollator, TokenizedDataset, load_glue
+from lrsparse.factorization import factorize_model
+from lrsparse.hf import MixedRankCallback, PruningCallback, low_rank_parameter_budget
+from lrsparse.layers import LowRankLinear, MixedRankLinear
+from lrsparse.pruning import FirstOrderPruner
+from pipeline_helpers import VOCAB, tiny_bert
+
+STEPS, BATCH, FINAL, WARM_I, WARM_F, DELTA = 12, 8, 0.3, 2, 4, 2
+PRUNER_OPTIONS = dict(initial_warmup_fraction=WARM_I, final_warmup_fraction=WARM_F, delta_t=DELTA)
+LR = 5e-4
+LAYERS = 2
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def training_args(tmp_path, steps=STEPS, **overrides) -> TrainingArguments:
+    # Constant LR, no weight decay, sequential batches, no dropout in the models: the plain loop below can repeat
+    # exactly what Trainer does (AdamW, clip_grad_norm_ 1.0) without re-implementing its scheduler or sampler.
+    settings = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+                    optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+                    max_grad_norm=1.0, train_sampling_strategy="sequential", report_to="none", save_strategy="no",
+                    logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+@pytest.fixture(scope="module")
+def sst2(minilm_path, data_dir):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    examples = load_glue("sst2", "train", data_dir / "glue", max_samples=STEPS * BATCH, seed=0)
+    return TokenizedDataset(examples, tokenizer, max_seq_len=32), PaddingCollator(tokenizer.pad_token_id)
+
+
+def minilm(minilm_path):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(
+        minilm_path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_hidden_layers=LAYERS)  # the first LAYERS of the 6 real layers keep the test fast
+
+
+def closed_form_live(step: int, total: int) -> int:
+    """Kept weights after ``step`` steps: round(total * cubic density) at the last mask step (every DELTA steps
+    after the initial warmup, and the step the cubic reaches FINAL), all of them before."""
+    end = STEPS - WARM_F
+    last = end if step >= end else step - step % DELTA
+    if last <= WARM_I:
+        return total
+    density = FINAL + (1 - FINAL) * (1 - (last - WARM_I) / (end - WARM_I)) ** 3
+    return round(density * total)
+
+
+class LiveCountProbe(TrainerCallback):
+    """Counts the nonzero entries of the target weights in the model after every optimizer step."""
+
+    def __init__(self, names):
+        self.names, self.counts = names, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        modules = dict(model.named_modules())
+        self.counts.append(sum(int(torch.count_nonzero(modules[n].weight)) for n in self.names))
+
+
+def test_trainer_pruning_matches_schedule_and_plain_loop(minilm_path, sst2, tmp_path):
+    dataset, collate = sst2
+    model = minilm(minilm_path)
+    reference = copy.deepcopy(model)
+    names = [f"bert.encoder.layer.{i}.{part}" for i in range(LAYERS)
+             for part in ("attention.self.query", "attention.self.key", "attention.self.value",
+                          "attention.output.dense", "intermediate.dense", "output.dense")]
+    total = LAYERS * (4 * 384 * 384 + 2 * 384 * 1536)
+
+    callback = PruningCallback(FINAL, **PRUNER_OPTIONS)
+    probe = LiveCountProbe(names)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset, data_collator=collate,
+                      callbacks=[callback, probe])
+    trainer.train()
+
+    assert sorted(callback.pruner.targets) == sorted(names)
+    assert probe.counts == [closed_form_live(step, total) for step in range(1, STEPS + 1)]
+    assert probe.counts[-1] == round(FINAL * total)
+    assert callback.pruner.mask_updates == 3  # steps 4, 6 and 8 (= STEPS - WARM_F)
+
+    # Independent reference: the documented plain loop, same batches, same optimizer, same clipping.
+    pruner = FirstOrderPruner(reference, FINAL, STEPS, **PRUNER_OPTIONS)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False, collate_fn=collate)
+    reference.train()
+    for batch in loader:
+        reference(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        pruner.step()
+        optimizer.zero_grad()
+    assert pruner.step_count == STEPS
+    for name in names:
+        assert torch.equal(callback.pruner.masks[name], pruner.masks[name]), name
+        torch.testing.assert_close(model.get_submodule(name).weight, reference.get_submodule(name).weight,
+                                   rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- tiny model
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, count=64, length=8, seed=1):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (count, length), generator=gen)
+        self.labels = torch.randint(0, 2, (count,), generator=gen)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def tiny_trainer(model, tmp_path, callbacks, steps=STEPS, **overrides):
+    return Trainer(model=model, args=training_args(tmp_path, steps, per_device_train_batch_size=4, **overrides),
+                   train_dataset=TokenDataset(), callbacks=callbacks)
+
+
+def test_two_phases_end_low_rank_within_budget(tmp_path):
+    model = tiny_bert()
+    pruning = PruningCallback(FINAL, **PRUNER_OPTIONS)
+    tiny_trainer(model, tmp_path, [pruning]).train()
+    shapes = {name: tuple(m.weight.shape) for name, m in pruning.pruner.targets.items()}
+    # "uniform" ranks fit keep exactly ("budget" may give a heavily pruned tiny matrix its minimum rank 1).
+    factorize_model(model, keep=FINAL, allocation="uniform", pruner=pruning.pruner, solver_options={"max_iters": 5})
+
+    mixing = MixedRankCallback(blend_fraction=0.5, keep=FINAL, tensorboard_dir=str(tmp_path / "tb"))
+    trainer = tiny_trainer(model, tmp_path, [mixing], steps=8)  # a new Trainer: a new optimizer over U, V
+    trainer.train()
+    mixing.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    alpha = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("mixed_rank/alpha")
+    assert [(e.step, e.value) for e in alpha] == [(t, min(1.0, t / 4)) for t in range(1, 9)]  # t / (0.5 * 8)
+    assert mixing.scheduler.finalized and mixing.scheduler.step_count == 8
+    assert not any(isinstance(m, MixedRankLinear) for m in model.modules())
+    low_rank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert sorted(low_rank) == sorted(shapes)
+    used = sum(m.rank * (m.in_features + m.out_features) for m in low_rank.values())
+    assert used <= math.floor(FINAL * sum(a * b for a, b in shapes.values()))
+    assert low_rank_parameter_budget(shapes.values(), FINAL) == math.floor(FINAL * sum(a * b for a, b in
+                                                                                       shapes.values()))
+    # The dropped sparse weights left the optimizer too; every factor is still trained by it.
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(m.U) in held and id(m.V) in held for m in low_rank.values())
+
+
+# --------------------------------------------------------------------------------------------------- loud failures
+def test_frozen_targets_are_refused(tmp_path):
+    model = tiny_bert()
+    for module in model.bert.encoder.layer[0].attention.self.query.parameters():
+        module.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        tiny_trainer(model, tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+
+
+class ZeroLossTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch) * 0.0
+
+
+def test_zero_gradients_fail_at_first_mask_update(tmp_path):
+    trainer = ZeroLossTrainer(model=tiny_bert(), args=training_args(tmp_path, per_device_train_batch_size=4),
+                              train_dataset=TokenDataset(), callbacks=[PruningCallback(FINAL, **PRUNER_OPTIONS)])
+    with pytest.raises(RuntimeError, match=f"importance is zero in every target at mask step {WARM_I + DELTA}"):
+        trainer.train()
+
+
+def test_hook_that_never_fires_is_detected(tmp_path, monkeypatch):
+    from transformers.trainer_callback import CallbackHandler
+
+    # As with a transformers (or a custom loop) that does not call on_optimizer_step.
+    monkeypatch.setattr(CallbackHandler, "on_optimizer_step", lambda self, args, state, control: control)
+    with pytest.raises(RuntimeError, match="0 on_optimizer_step calls for 1 optimizer steps"):
+        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+
+
+def test_skipped_mask_update_is_detected(tmp_path, monkeypatch):
+    monkeypatch.setattr(FirstOrderPruner, "update_mask", lambda self, density=None: False)
+    with pytest.raises(RuntimeError, match=f"scheduled mask update skipped: after step {WARM_I + DELTA}"):
+        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+
+
+def test_masks_not_reapplied_are_detected(tmp_path, monkeypatch):
+    monkeypatch.setattr(FirstOrderPruner, "apply_masks", lambda self: None)
+    with pytest.raises(RuntimeError, match="pruned weights of target .* are nonzero"):
+        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_early_stop_before_final_density_fails(tmp_path):
+    callbacks = [PruningCallback(FINAL, **PRUNER_OPTIONS), StopAt(5)]
+    with pytest.raises(RuntimeError, match="final density not reached: .* after 5 of 12 steps"):
+        tiny_trainer(tiny_bert(), tmp_path, callbacks).train()
+
+
+def test_mixed_rank_phase_refusals(tmp_path):
+    with pytest.raises(ValueError, match="no MixedRankLinear"):
+        tiny_trainer(tiny_bert(), tmp_path, [MixedRankCallback()]).train()
+
+    model = tiny_bert()
+    pruning = PruningCallback(FINAL, **PRUNER_OPTIONS)
+    trainer = tiny_trainer(model, tmp_path, [pruning])
+    trainer.train()
+    factorize_model(model, keep=FINAL, pruner=pruning.pruner, solver_options={"max_iters": 5})
+    # Reusing the first Trainer: its optimizer was built for the unfactorized model.
+    trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if c is not pruning]
+    trainer.add_callback(MixedRankCallback())
+    with pytest.raises(RuntimeError, match="does not hold the factors U, V"):
+        trainer.train()
+
+    with pytest.raises(ValueError, match="rank budget exceeded"):
+        tiny_trainer(model, tmp_path, [MixedRankCallback(keep=0.01)], steps=4).train()
+    with pytest.raises(RuntimeError, match="mixed-rank phase ended at alpha 0.5000 after 2 of 8 steps"):
+        tiny_trainer(model, tmp_path, [MixedRankCallback(blend_fraction=0.5), StopAt(2)], steps=8).train()
+
+
+def test_callback_argument_errors():
+    with pytest.raises(ValueError, match="final_density"):
+        PruningCallback(1.5)
+    with pytest.raises(TypeError, match="total_steps"):
+        PruningCallback(0.5, total_steps=10)
+    with pytest.raises(ValueError, match="blend_fraction"):
+        MixedRankCallback(blend_fraction=2.0)
+
+
+# --------------------------------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard not installed (optional dependency)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_bert()
+    pruning = PruningCallback(FINAL, tensorboard_dir=str(tmp_path / "tb"), **PRUNER_OPTIONS)
+    trainer = tiny_trainer(model, tmp_path, [pruning], logging_strategy="steps", logging_steps=4)
+    trainer.train()
+    metrics = trainer.evaluate(TokenDataset(count=16, seed=5))  # after train(): still logged
+    pruning.close()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    density = [(e.step, e.value) for e in events.Scalars("pruning/density")]
+    assert [step for step, _ in density] == list(range(1, STEPS + 1))
+    assert density[-1][1] == pytest.approx(pruning.pruner.density(), abs=1e-7)
+    assert density[-1][1] == pytest.approx(round(FINAL * pruning.pruner.total_params) / pruning.pruner.total_params,
+                                           abs=1e-7)
+    assert [e.step for e in events.Scalars("pruning/train/loss")] == [4, 8, 12]
+    assert [(e.step, e.value) for e in events.Scalars("pruning/eval/loss")] == [
+        (STEPS, pytest.approx(metrics["eval_loss"], rel=1e-6))]
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed.*pip install tensorboard"):
+        PruningCallback(FINAL, tensorboard_dir=str(tmp_path))
+
+
+def test_pipeline_cli_tensorboard_scalars(tmp_path, data_dir, minilm_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lrsparse.cli import main
+
+    output, board = tmp_path / "run", tmp_path / "tb"
+    argv = ["compress", "--model", str(minilm_path), "--task", "sst2", "--keep", "0.5", "--output", str(output),
+            "--data-dir", str(data_dir / "glue"), "--max-train-samples", "16", "--max-eval-samples", "16",
+            "--max-seq-len", "16", "--batch-size", "8", "--epochs", "1", "--delta-t", "1",
+            "--dense-finetune", "skip", "--blend-fraction", "1.0",
+            "--factorization-iters", "2", "--threads", "1", "--no-inspect", "--tensorboard", str(board)]
+    assert main(argv) == 0
+    report = json.loads((output / "report.json").read_text())
+    events = EventAccumulator(str(board)).Reload()
+    density = events.Scalars("prune/density")
+    assert [e.step for e in density] == [1, 2]
+    assert density[-1].value == pytest.approx(0.5, abs=1e-6)
+    assert [e.value for e in events.Scalars("mixed_rank/alpha")] == [0.5, 1.0]  # t / (blend_fraction * steps)
+    for stage in ("prune", "mixed_rank"):
+        assert [e.step for e in events.Scalars(f"{stage}/loss")] == [1, 2]
+    main_metric = events.Scalars("eval/main")
+    assert [e.step for e in main_metric] == [0, 1, 2, 3]
+    assert [e.value for e in main_metric] == pytest.approx([s["metrics"]["main"] for s in report["stages"]],
+                                                           abs=1e-6)
+
+
+def test_pipeline_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from lrsparse.pipeline import CompressionConfig
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    config = CompressionConfig(task="sst2", keep=0.5, output_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+    with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed"):
+        config.validate()
