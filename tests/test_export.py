@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import BertForMaskedLM, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import BertForMaskedLM, BertForQuestionAnswering, BertTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lrsparse import export as lrexport
 from lrsparse.cli import main
@@ -322,6 +322,69 @@ def test_onnxruntime_matches_pytorch(loaded, expected, onnx_export):
     session = ort.InferenceSession(str(onnx_export), options, providers=["CPUExecutionProvider"])
     outputs = [session.run(None, {k: v.numpy() for k, v in batch.items()})[0] for batch in batches(loaded)]
     assert_matches(outputs, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Question answering: both span ends are exported
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def question_answering(tmp_path_factory):
+    """(compressed directory, inputs, float64 dense {output name: outputs per batch}) of a tiny QA BERT."""
+    torch.manual_seed(5)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    factorize_model(model, 0.3, method="svd")
+    finalize_low_rank(model)
+    directory = tmp_path_factory.mktemp("qa") / "model"
+    save_compressed(model.eval(), directory)
+    loaded = load_compressed(directory)
+    inputs = batches(loaded)
+    reference = float64_dense_reference(loaded)
+    with torch.no_grad():
+        exact = [reference(**batch) for batch in inputs]
+    wanted = {name: [out[name] for out in exact] for name in ("start_logits", "end_logits")}
+    # The two heads differ: an export that returned one of them twice would not match both.
+    assert not torch.allclose(wanted["start_logits"][0], wanted["end_logits"][0], atol=1e-3)
+    return directory, inputs, wanted
+
+
+def assert_span_outputs(outputs, wanted) -> None:
+    """outputs: (start_logits, end_logits) per batch."""
+    assert len(outputs) == len(wanted["start_logits"])
+    for i, pair in enumerate(outputs):
+        assert len(pair) == 2
+        for name, actual in zip(("start_logits", "end_logits"), pair):
+            torch.testing.assert_close(torch.as_tensor(actual).double(), wanted[name][i], rtol=1e-5, atol=1e-5)
+
+
+def test_question_answering_torchscript_returns_start_and_end_logits(question_answering, tmp_path):
+    directory, inputs, wanted = question_answering
+    script = tmp_path / "qa.pt"
+    assert main(["export", str(directory), "--format", "torchscript", "--out", str(script)]) == 0
+    scripted = torch.jit.load(str(script))
+    with torch.no_grad():
+        outputs = [scripted(*batch.values()) for batch in inputs]
+    assert all(isinstance(out, tuple) for out in outputs)
+    assert_span_outputs(outputs, wanted)
+
+
+def test_question_answering_onnx_has_start_and_end_logits(question_answering, tmp_path):
+    if lrexport.missing_onnx_packages():
+        pytest.skip(f"ONNX export needs {lrexport.missing_onnx_packages()} (pip install 'lrsparse[export]')")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'lrsparse[export]')")
+    directory, inputs, wanted = question_answering
+    onnx_path = tmp_path / "qa.onnx"
+    assert main(["export", str(directory), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["start_logits", "end_logits"]
+    assert_span_outputs([session.run(None, {k: v.numpy() for k, v in batch.items()}) for batch in inputs], wanted)
+
+
+def test_output_names_by_head(loaded):
+    assert lrexport.output_names(loaded) == ["logits"]
+    assert lrexport.output_names(BertForQuestionAnswering(tiny_bert_config())) == ["start_logits", "end_logits"]
+    assert lrexport.output_names(loaded.bert) == ["last_hidden_state"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ so that only stock PyTorch modules remain and the low-rank layer is exactly two 
   ``onnxscript``; ``onnxruntime`` to run it: ``pip install "lrsparse[export]"``).
 
 The traced formats (TorchScript, ONNX) take ``input_ids``, ``attention_mask`` and, for models with token types
-(BERT-style ``type_vocab_size``), ``token_type_ids``, and return the model's first output: the logits of a task
-head, or the last hidden state of a bare encoder.
+(BERT-style ``type_vocab_size``), ``token_type_ids``, and return every output of the task head
+(:func:`output_names`): ``start_logits`` and ``end_logits`` of a question-answering model, ``logits`` of any other
+task head, ``last_hidden_state`` of a bare encoder.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def low_rank_layers(plain: nn.Module) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Traced formats: fixed input names, first output only
+# Traced formats: fixed input and output names
 # ----------------------------------------------------------------------------------------------------------------
 def input_names(model: nn.Module) -> list[str]:
     """Inputs of the traced formats: input_ids, attention_mask, and token_type_ids for BERT-style models."""
@@ -124,17 +125,33 @@ def input_names(model: nn.Module) -> list[str]:
     return names
 
 
-class FirstOutput(nn.Module):
-    """Tensor inputs (in :func:`input_names` order) -> the model's first output, the signature tracing needs."""
+def output_names(model: nn.Module) -> list[str]:
+    """Outputs of the traced formats: all the tensors the task head answers with (the loss and caches excluded)."""
+    if type(model).__name__.endswith("ForQuestionAnswering"):
+        return ["start_logits", "end_logits"]  # a span needs both ends
+    if getattr(model, "base_model", None) is model:
+        return ["last_hidden_state"]  # a bare encoder has no head
+    return ["logits"]
+
+
+class NamedOutputs(nn.Module):
+    """Tensor inputs (in :func:`input_names` order) -> the :func:`output_names` outputs, the signature tracing needs.
+
+    One output is returned as a tensor, several as a tuple in :func:`output_names` order.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.names = input_names(model)
+        self.output_names = output_names(model)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                token_type_ids: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        return self.model(**{name: inputs[name] for name in self.names}, return_dict=False)[0]
+        result = self.model(**{name: inputs[name] for name in self.names}, return_dict=True)
+        outputs = tuple(result[name] for name in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def example_inputs(model: nn.Module, batch: int = 2, length: int = 8, seed: int = 0) -> tuple[Tensor, ...]:
@@ -154,15 +171,15 @@ def example_inputs(model: nn.Module, batch: int = 2, length: int = 8, seed: int 
     return tuple(tensors[name] for name in input_names(model))
 
 
-def _traceable(model: nn.Module) -> FirstOutput:
+def _traceable(model: nn.Module) -> NamedOutputs:
     plain = to_plain_pytorch(model)
     if getattr(plain.config, "use_cache", None):
         plain.config.use_cache = False  # a decoder would otherwise return a cache object next to the logits
-    return FirstOutput(plain).eval()
+    return NamedOutputs(plain).eval()
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike) -> Path:
-    """``torch.jit.trace`` of the plain tree (see :class:`FirstOutput`), saved to ``path``."""
+    """``torch.jit.trace`` of the plain tree (see :class:`NamedOutputs`), saved to ``path``."""
     wrapper = _traceable(model)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example_inputs(model), check_trace=False)
@@ -189,7 +206,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), _quiet_loggers("onnx_ir", "onnxscript"):
         program = torch.onnx.export(
-            wrapper, example_inputs(model), dynamo=True, input_names=names, output_names=["output"],
+            wrapper, example_inputs(model), dynamo=True, input_names=names,
+            output_names=wrapper.output_names,
             dynamic_shapes={name: dims for name in names}, opset_version=opset, verbose=False,
         )
         program.save(str(path))  # weights go to an external data file next to it only beyond protobuf's 2 GB
