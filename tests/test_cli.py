@@ -107,6 +107,24 @@ def test_saved_model_reloads_with_equal_logits(reference_run, data_dir, minilm_p
     assert metrics == pytest.approx(report["final_metrics"])
 
 
+def test_evaluate_defaults_to_the_runs_settings_and_task(reference_run, data_dir, capsys):
+    from lrsparse.io import saved_extra
+
+    _, report, output, _ = reference_run
+    saved = saved_extra(output / "model")
+    assert {k: saved[k] for k in ("task", "max_seq_len", "doc_stride", "seed")} == {
+        "task": "sst2", "max_seq_len": 32, "doc_stride": None, "seed": 3}
+    # Without --max-seq-len and --seed, evaluate takes the run's 32 and 3 (not 128 and 0): the run's scores.
+    argv = ["evaluate", "--model", str(output), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
+            "--max-eval-samples", "32", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(report["final_metrics"])
+    # MRPC has two labels too: the model would be scored on it without a word.
+    argv[argv.index("sst2")] = "mrpc"
+    assert main(argv) == 2
+    assert "task 'mrpc' differs from the task 'sst2' the model" in capsys.readouterr().err
+
+
 def test_inspect_prints_tables(reference_run, capsys):
     _, report, output, _ = reference_run
     assert main(["inspect", str(output)]) == 0

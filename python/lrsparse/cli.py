@@ -98,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--max-eval-samples", type=_positive_int, default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=64)
-    evaluate.add_argument("--max-seq-len", type=int, default=128)
-    evaluate.add_argument("--doc-stride", type=_positive_int, default=None, help="squad: see compress --doc-stride")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the --max-eval-samples subset")
+    # None: the value the compression run saved with the model, so that the scores match the run's.
+    evaluate.add_argument("--max-seq-len", type=int, default=None,
+                          help="default: the compression run's (128 for a model saved without it)")
+    evaluate.add_argument("--doc-stride", type=_positive_int, default=None,
+                          help="squad: see compress --doc-stride (default: the compression run's)")
+    evaluate.add_argument("--seed", type=int, default=None,
+                          help="seed of the --max-eval-samples subset (default: the compression run's, else 0)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
 

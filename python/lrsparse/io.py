@@ -154,6 +154,14 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def saved_extra(directory: str | os.PathLike) -> dict:
+    """The ``extra`` dict :func:`save_compressed` wrote into ``directory`` ({} when none was given)."""
+    extra = _read_manifest(Path(directory) / LAYERS_FILE).get("extra", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"{Path(directory) / LAYERS_FILE} is corrupted: extra must be an object")
+    return extra
+
+
 def _model_class(config, model_class):
     if model_class is not None:
         return model_class

@@ -1106,7 +1106,9 @@ class CompressionRun:
         model_dir = self.output_dir / "model"
         report["checkpoint_bytes"] = save_compressed(state.model.cpu(), model_dir, tokenizer=self.tokenizer,
                                                      extra={"task": self.task.name, "method": self.config.method,
-                                                            "keep": self.config.keep})
+                                                            "keep": self.config.keep,
+                                                            **{name: getattr(self.config, name)
+                                                               for name in EVALUATION_SETTINGS}})
         report["run_seconds"] = seconds
         if not is_main_process():  # rank 0 writes the report and the manifest
             return report
@@ -1150,23 +1152,42 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+# Settings of a run that change its dev scores: saved with the model so that `evaluate` scores it the same way.
+EVALUATION_SETTINGS = ("max_seq_len", "doc_stride", "seed")
+
+
 def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None = None,
-                   max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int = 128,
-                   device: str = "auto", seed: int = 0, doc_stride: int | None = None) -> dict:
+                   max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int | None = None,
+                   device: str = "auto", seed: int | None = None, doc_stride: int | None = None) -> dict:
     """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
-    split of ``task``."""
+    split of ``task``.
+
+    ``max_seq_len``, ``doc_stride`` and ``seed`` left as None take the values the compression run saved with the
+    model (then 128, max_seq_len // 4 and 0 for a model saved without them); ``task`` must be the run's task.
+    """
     from transformers import AutoTokenizer
 
-    from lrsparse.io import LAYERS_FILE, load_compressed
+    from lrsparse.io import LAYERS_FILE, load_compressed, saved_extra
 
     spec = resolve_task(task)
     target_device = resolve_device(device)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
+    compressed = (model_dir / LAYERS_FILE).is_file()
+    saved = saved_extra(model_dir) if compressed else {}
+    if saved.get("task") not in (None, spec.name):
+        raise ValueError(f"task {spec.name!r} differs from the task {saved['task']!r} the model in {model_dir} was "
+                         f"compressed for: pass --task {saved['task']}")
+    if max_seq_len is None:
+        max_seq_len = saved.get("max_seq_len", 128)
+    if doc_stride is None:
+        doc_stride = saved.get("doc_stride")
+    if seed is None:
+        seed = saved.get("seed", 0)
     examples = spec.load("dev", data_dir, max_eval_samples, seed)
     _quiet_transformers()
-    if (model_dir / LAYERS_FILE).is_file():
+    if compressed:
         model = load_compressed(model_dir)
     else:
         model = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32)
