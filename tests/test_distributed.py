@@ -231,3 +231,25 @@ def test_trainer_callbacks_under_ddp(ranks, tmp_path):
             torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4)
     assert torch.equal(first["trainer"]["logits"], second["trainer"]["logits"])
     torch.testing.assert_close(first["trainer"]["logits"], single["logits"], rtol=1e-3, atol=1e-4)
+
+
+def test_launcher_rank_without_a_process_group(monkeypatch, tmp_path):
+    """torchrun sets RANK and WORLD_SIZE; a program that creates no process group must still write on rank 0 only."""
+    from lrsparse import distributed
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (1, 2, False)
+    assert not distributed.is_distributed()  # no collectives without a group
+    model = tiny_bert(seed=0)
+    assert save_compressed(model, tmp_path / "rank1") == 0 and not (tmp_path / "rank1").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main_process()
+    assert save_compressed(model, tmp_path / "rank0") > 0 and (tmp_path / "rank0" / "model.safetensors").is_file()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
+    monkeypatch.setenv("RANK", "first")
+    with pytest.raises(ValueError, match="environment variable RANK must be an integer"):
+        distributed.rank()

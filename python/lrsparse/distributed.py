@@ -7,6 +7,7 @@ update, so a pruner fed local (not all-reduced) gradients fails loudly instead o
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -14,13 +15,33 @@ from torch import Tensor
 
 
 def is_distributed() -> bool:
-    """Whether a process group with more than one rank is active."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    """Whether a process group with more than one rank is active (collectives can be called)."""
+    return _group_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _launcher_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer (set by torchrun), got {value!r}") from None
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
+    """This process's rank: the process group's, else the launcher's ``RANK`` (torchrun sets it before any group
+    exists, and a program that never creates one still runs once per rank), else 0."""
+    return torch.distributed.get_rank() if _group_initialized() else _launcher_int("RANK", 0)
+
+
+def world_size() -> int:
+    """Number of ranks: the process group's, else the launcher's ``WORLD_SIZE``, else 1."""
+    return torch.distributed.get_world_size() if _group_initialized() else _launcher_int("WORLD_SIZE", 1)
 
 
 def is_main_process() -> bool:
