@@ -258,6 +258,23 @@ def test_bad_input_fails_before_any_model_work(change, message, tmp_path, data_d
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
+def test_missing_optional_package_is_a_clean_error(tmp_path, data_dir, minilm_path, capsys, monkeypatch,
+                                                   no_model_loading):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import now raises ImportError
+    argv = compress_argv(data_dir, minilm_path, tmp_path / "out", "--tensorboard", str(tmp_path / "tb"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrsparse compress: error: TensorBoard logging to ")
+    assert "pip install tensorboard" in err and "Traceback" not in err
+    # Hub loading (no --data-dir) without `datasets`.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    argv = ["evaluate", "--model", str(tmp_path / "out"), "--task", "sst2"]
+    (tmp_path / "out").mkdir()
+    assert main(argv) == 2
+    assert "lrsparse evaluate: error: loading GLUE from the hub needs `pip install datasets`" in (
+        capsys.readouterr().err)
+
+
 def test_unknown_method_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", "--task", "sst2", "--keep", "0.5", "--output", "x", "--method", "pca"])

@@ -192,11 +192,7 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     from lrsparse.export import describe, export_compressed
 
-    try:
-        path = export_compressed(_model_dir(args.model), args.format, args.out)
-    except ImportError as exc:  # a missing optional package: the message says what to install
-        raise ValueError(str(exc)) from exc
-    print(describe(path))
+    print(describe(export_compressed(_model_dir(args.model), args.format, args.out)))
     return 0
 
 
@@ -213,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError) as exc:
+    # ImportError: a missing optional package (tensorboard, datasets, onnx); the message says what to install.
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError, ImportError) as exc:
         if args.log_level == "DEBUG":
             raise
         print(f"lrsparse {args.command}: error: {exc}", file=sys.stderr)
