@@ -123,6 +123,11 @@ def test_evaluate_defaults_to_the_runs_settings_and_task(reference_run, data_dir
     argv[argv.index("sst2")] = "mrpc"
     assert main(argv) == 2
     assert "task 'mrpc' differs from the task 'sst2' the model" in capsys.readouterr().err
+    # all-MiniLM has 512 positions: SST-2's short sentences would never reach them, and nothing would say so.
+    argv[argv.index("mrpc")] = "sst2"
+    assert main(argv + ["--max-seq-len", "1024"]) == 2
+    assert re.search(r"error: max_seq_len 1024 exceeds what .* supports \(model max_position_embeddings 512",
+                     capsys.readouterr().err)
 
 
 def test_inspect_prints_tables(reference_run, capsys):

@@ -1193,6 +1193,7 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
         model = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32)
     spec.check_model(model, str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_tokenizer_fits(tokenizer, model.config, max_seq_len, str(model_dir))
     dataset = spec.tokenize(examples, tokenizer, max_seq_len, doc_stride)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),
                     target_device, desc=f"eval {spec.name}")
