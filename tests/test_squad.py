@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import torch
 from lrsparse import pipeline
 from lrsparse.cli import main
 from lrsparse.data import PaddingCollator
+from lrsparse.io import LAYERS_FILE
 from lrsparse.metrics import normalize_answer, squad_exact_match, squad_f1, squad_metrics
 from lrsparse.squad import (
     ARTICLE_SPLIT_EVAL_FRACTION,
@@ -375,9 +377,19 @@ def test_compress_squad_end_to_end(tmp_path, squad_dir, minilm_path, tokenizer, 
                  "--max-eval-samples", "4", "--max-seq-len", "64", "--doc-stride", "16", "--seed", "1",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(report["final_metrics"])
-    # A span model is no classifier: evaluating it on a GLUE task says so.
-    assert main(["evaluate", "--model", str(output), "--task", "sst2", "--data-dir", str(squad_dir.parent / "glue"),
-                 "--max-eval-samples", "4"]) == 2
+    # Evaluating on another task is refused: by the task saved with the model, and for a model saved without one
+    # (a span model is no classifier) by its class.
+    argv = ["evaluate", "--model", str(output), "--task", "sst2", "--data-dir", str(squad_dir.parent / "glue"),
+            "--max-eval-samples", "4"]
+    assert main(argv) == 2
+    assert "task 'sst2' differs from the task 'squad' the model" in capsys.readouterr().err
+    untagged = tmp_path / "untagged"
+    shutil.copytree(output / "model", untagged)
+    manifest = json.loads((untagged / LAYERS_FILE).read_text())
+    del manifest["extra"]["task"]
+    (untagged / LAYERS_FILE).write_text(json.dumps(manifest))
+    argv[argv.index("--model") + 1] = str(untagged)
+    assert main(argv) == 2
     assert "is a BertForQuestionAnswering, but task sst2 needs a ...ForSequenceClassification" in (
         capsys.readouterr().err)
 
@@ -386,6 +398,7 @@ def test_compress_squad_end_to_end(tmp_path, squad_dir, minilm_path, tokenizer, 
     ({"--data-dir": "EMPTY"}, r"SQuAD dev file not found: neither .*empty.dev-v1.1.json"),
     ({"--doc-stride": "64"}, r"doc_stride must be an integer in \[1, max_seq_len\), got 64"),
     ({"--task": "sst2"}, "doc_stride applies to question answering only, not to task 'sst2'"),
+    ({"--max-seq-len": "12", "--doc-stride": "4"}, "max_seq_len must be an integer >= 16 for task 'squad', got 12"),
 ])
 def test_bad_squad_input_fails_before_any_model_work(change, message, tmp_path, squad_dir, minilm_path, capsys,
                                                      monkeypatch):
@@ -402,3 +415,15 @@ def test_bad_squad_input_fails_before_any_model_work(change, message, tmp_path, 
     assert err.startswith("lrsparse compress: error: ")
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_validate_requires_a_question_answering_window(tmp_path):
+    def config(task, max_seq_len):
+        return pipeline.CompressionConfig(task=task, keep=0.5, output_dir=str(tmp_path), max_seq_len=max_seq_len)
+
+    config("squad", 16).validate()
+    config("sst2", 8).validate()  # classification keeps its lower bound
+    with pytest.raises(ValueError, match="max_seq_len must be an integer >= 16 for task 'squad', got 15"):
+        config("squad", 15).validate()
+    with pytest.raises(ValueError, match="max_seq_len must be an integer >= 8 for task 'sst2', got 7"):
+        config("sst2", 7).validate()

@@ -169,8 +169,10 @@ class CompressionConfig:
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0 (0 disables), got {self.checkpoint_every!r}")
-        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
-            raise ValueError(f"max_seq_len must be an integer >= 8, got {self.max_seq_len!r}")
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) \
+                or self.max_seq_len < task.min_seq_len:
+            raise ValueError(f"max_seq_len must be an integer >= {task.min_seq_len} for task {task.name!r}, "
+                             f"got {self.max_seq_len!r}")
         if self.doc_stride is not None:
             if task.kind != "question-answering":
                 raise ValueError(f"doc_stride applies to question answering only, not to task {task.name!r}")

@@ -39,6 +39,8 @@ __all__ = [
 SQUAD_FILES = {"train": "train-v1.1.json", "dev": "dev-v1.1.json"}
 ARTICLE_SPLIT_EVAL_FRACTION = 0.2
 ARTICLE_SPLIT_SEED = 0
+# Shortest window with room for a question, its context and the special tokens.
+MIN_SEQ_LEN = 16
 # Post-processing defaults of the reference implementations (BERT's run_squad.py, transformers' run_qa.py).
 N_BEST = 20
 MAX_ANSWER_TOKENS = 30
@@ -252,8 +254,9 @@ class QuestionAnsweringDataset(torch.utils.data.Dataset):
     label_names = ("start_positions", "end_positions")
 
     def __init__(self, examples: SquadSplit, tokenizer, max_seq_len: int = 384, doc_stride: int | None = None):
-        if max_seq_len < 16:
-            raise ValueError(f"max_seq_len must be at least 16 tokens for question answering, got {max_seq_len}")
+        if max_seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN} tokens for question answering, "
+                             f"got {max_seq_len}")
         doc_stride = max_seq_len // 4 if doc_stride is None else doc_stride
         if isinstance(doc_stride, bool) or not isinstance(doc_stride, int) or doc_stride < 1:
             raise ValueError(f"doc_stride must be a positive integer, got {doc_stride!r}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lrsparse.data import GLUE_TASKS, GlueTask, TokenizedDataset, get_task, load_glue
+from lrsparse.squad import MIN_SEQ_LEN as _MIN_QUESTION_ANSWERING_SEQ_LEN
 
 __all__ = ["ClassificationTask", "QuestionAnsweringTask", "TASK_NAMES", "resolve_task"]
 
@@ -24,6 +25,7 @@ class ClassificationTask:
     """A GLUE task: one or two sentences -> class id or score, scored by the GLUE metrics."""
 
     kind = "classification"
+    min_seq_len = 8
     label_names = ("labels",)
     output_names = ("logits",)
 
@@ -83,6 +85,7 @@ class QuestionAnsweringTask:
     """SQuAD v1.1: a question and a paragraph -> the answer span, scored by exact match and F1 (main)."""
 
     kind = "question-answering"
+    min_seq_len = _MIN_QUESTION_ANSWERING_SEQ_LEN
     name = "squad"
     main_metric = "f1"
     label_names = ("start_positions", "end_positions")
