@@ -48,6 +48,7 @@ from torch import nn
 
 from lrsparse.data import GlueTask, PaddingCollator
 from lrsparse.distributed import is_main_process
+from lrsparse.io import _fsync_dir
 from lrsparse.tasks import ClassificationTask, QuestionAnsweringTask, resolve_task
 
 Task = ClassificationTask | QuestionAnsweringTask
@@ -237,17 +238,6 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------------------------
 # Atomic files and the checkpoint manifest
 # ---------------------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
