@@ -500,17 +500,13 @@ class MagnitudePruningSchedule:
         self.step_count = 0
         self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in targets.items()}
 
-    def _is_mask_step(self, step: int) -> bool:
-        return step > self.initial_warmup and (step % self.delta_t == 0
-                                               or step == self.total_steps - self.final_warmup)
-
     @torch.no_grad()
     def step(self) -> None:
-        from lrsparse.pruning import cubic_density, magnitude_prune
+        from lrsparse.pruning import cubic_density, is_mask_step, magnitude_prune
 
         self.step_count += 1
         self.apply_masks()
-        if self._is_mask_step(self.step_count):
+        if is_mask_step(self.step_count, self.total_steps, self.initial_warmup, self.final_warmup, self.delta_t):
             density = cubic_density(self.step_count, self.final_density, self.total_steps, self.initial_warmup,
                                     self.final_warmup)
             new = magnitude_prune(self.model, density, self.targets)

@@ -19,6 +19,13 @@ from lrsparse.targets import find_targets
 CRITERIA = ("sensitivity", "movement")
 
 
+def is_mask_step(step: int, total_steps: int, initial_warmup: int, final_warmup: int, delta_t: int) -> bool:
+    """Whether optimizer step ``step`` (1-based) of a cubic-schedule pruner updates the masks: every ``delta_t``
+    steps after the initial warm-up, and also on the step the schedule reaches its final density, so that density is
+    met exactly whatever ``delta_t`` divides."""
+    return step > initial_warmup and (step % delta_t == 0 or step == total_steps - final_warmup)
+
+
 def cubic_density(step: int, final_density: float, total_steps: int, initial_warmup: int, final_warmup: int) -> float:
     """Density after ``step`` steps: 1 until ``initial_warmup``, a cubic decay to ``final_density`` at
     ``total_steps - final_warmup``, then ``final_density``."""
@@ -146,10 +153,7 @@ class FirstOrderPruner:
 
     def is_mask_step(self, step: int) -> bool:
         """Whether ``step()`` number ``step`` (1-based) updates the masks."""
-        # Also on the step the schedule reaches final_density, so it is met exactly whatever delta_t divides.
-        return step > self.initial_warmup and (
-            step % self.delta_t == 0 or step == self.total_steps - self.final_warmup
-        )
+        return is_mask_step(step, self.total_steps, self.initial_warmup, self.final_warmup, self.delta_t)
 
     def scheduled_live_count(self, step: int | None = None) -> int:
         """Entries alive after ``step`` steps (default: the steps taken) when every scheduled mask update ran:
