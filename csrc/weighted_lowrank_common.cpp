@@ -41,15 +41,6 @@ at::Tensor seeded_gaussian(int64_t rows, int64_t cols, int64_t seed, const at::T
   return at::randn({rows, cols}, generator, at::TensorOptions().dtype(at::kFloat)).to(options);
 }
 
-struct RestrictedFit {
-  at::Tensor Uz, s, Vh;  // Vh = Vz^T Qr^T (c x n): right singular vectors of the fit in the original coordinates
-};
-
-RestrictedFit fit_in_right_basis(const at::Tensor& x, const at::Tensor& right_basis) {
-  auto [uz, s, vzh] = at::linalg_svd(at::mm(x, right_basis), /*full_matrices=*/false);
-  return {uz, s, at::mm(vzh, right_basis.t())};
-}
-
 // A float32 Gram eigendecomposition is trusted when the energy it leaves out is at least this multiple of its
 // rounding scale k * eps * lambda_max (see top_gram_eigenvectors).
 constexpr double kFloat32GramMargin = 1e3;
@@ -59,25 +50,86 @@ at::Tensor top_columns(const at::Tensor& eigenvectors, int64_t rank) {
   return eigenvectors.narrow(1, eigenvectors.size(1) - rank, rank).flip({1});
 }
 
+// Eigenvectors of a symmetric positive semi-definite float64 matrix, ascending eigenvalues, never failing on finite
+// input. LAPACK's divide-and-conquer eigensolver can refuse matrices with large clusters of repeated eigenvalues
+// (pruned weights give them: exact low rank leaves hundreds of zero eigenvalues), and whether it does depends on
+// the thread count. Each fallback is exact in exact arithmetic and only changes the rounding pattern:
+//   1. eigh of the matrix;
+//   2. an SVD of the matrix itself (a PSD matrix's SVD is its eigendecomposition; another LAPACK driver, gesdd);
+//   3. eigh of Q^T G Q for a seeded random orthogonal Q, rotated back (same spectrum, different rounding).
+at::Tensor psd_eigenvectors(const at::Tensor& gram) {
+  try {
+    return std::get<1>(at::linalg_eigh(gram));
+  } catch (const c10::LinAlgError&) {
+  }
+  try {
+    // U of the SVD is sorted by descending singular values = eigenvalues of a PSD matrix: flip to ascending.
+    return std::get<0>(at::linalg_svd(gram, /*full_matrices=*/false)).flip({1});
+  } catch (const c10::LinAlgError&) {
+  }
+  const at::Tensor rotation = orthonormal_columns(seeded_gaussian(gram.size(0), gram.size(0), 0, gram.options()));
+  const at::Tensor rotated = at::mm(at::mm(rotation.t(), gram), rotation);
+  // Symmetrize: the rounding of the two products can leave it asymmetric by ~eps, which eigh ignores anyway.
+  return at::mm(rotation, std::get<1>(at::linalg_eigh((rotated + rotated.t()) * 0.5)));
+}
+
 // Top `rank` eigenvectors of the Gram matrix short_side short_side^T (k x k), largest first, in short_side's dtype.
 // float32 first: its Gram product and eigh are about twice as fast as float64's and dominate the op. Rounding
 // perturbs the Gram matrix by about k * eps * lambda_max, which moves the captured energy by at most that much
 // (second order in the rotation of the subspace), so the float32 directions are kept when the energy left out, the
 // optimal error itself, is at least kFloat32GramMargin times larger: then the fit is optimal to ~1e-3 relative in
 // the worst case (measured: ~1e-10 on transformer-like spectra). Steep spectra or ranks near full leave a tail the
-// float32 Gram matrix cannot resolve, and are recomputed in float64 (a full rank leaves no tail to resolve).
+// float32 Gram matrix cannot resolve, and are recomputed in float64 (a full rank leaves no tail to resolve), as is
+// a float32 matrix the float32 eigensolver refuses (see psd_eigenvectors).
 at::Tensor top_gram_eigenvectors(const at::Tensor& short_side, int64_t rank) {
   const int64_t k = short_side.size(0);
   if (short_side.scalar_type() == at::kFloat) {
-    auto [values, vectors] = at::linalg_eigh(at::mm(short_side, short_side.t()));
-    if (rank == k) return vectors.flip({1});
-    const double rounding_scale_per_lambda_max = static_cast<double>(k) * std::numeric_limits<float>::epsilon();
-    const at::Tensor left_out = values.narrow(0, 0, k - rank).sum();
-    const at::Tensor rounding_scale = values[k - 1] * rounding_scale_per_lambda_max;
-    if ((left_out >= rounding_scale * kFloat32GramMargin).item<bool>()) return top_columns(vectors, rank);
+    try {
+      auto [values, vectors] = at::linalg_eigh(at::mm(short_side, short_side.t()));
+      if (rank == k) return vectors.flip({1});
+      const double rounding_scale_per_lambda_max = static_cast<double>(k) * std::numeric_limits<float>::epsilon();
+      const at::Tensor left_out = values.narrow(0, 0, k - rank).sum();
+      const at::Tensor rounding_scale = values[k - 1] * rounding_scale_per_lambda_max;
+      if ((left_out >= rounding_scale * kFloat32GramMargin).item<bool>()) return top_columns(vectors, rank);
+    } catch (const c10::LinAlgError&) {
+    }
   }
   const at::Tensor exact = short_side.to(at::kDouble);
-  return top_columns(std::get<1>(at::linalg_eigh(at::mm(exact, exact.t()))), rank).to(short_side.scalar_type());
+  return top_columns(psd_eigenvectors(at::mm(exact, exact.t())), rank).to(short_side.scalar_type());
+}
+
+// Thin SVD (u, s, vh), s descending, that never fails on finite input: gesdd can refuse clustered spectra too.
+// Falls back to float64, then to the Gram eigendecomposition of the shorter side (psd_eigenvectors), which gives
+// the exact singular triplets of the nonzero singular values; a zero singular value gets a zero long-side vector.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> thin_svd(const at::Tensor& x) {
+  try {
+    return at::linalg_svd(x, /*full_matrices=*/false);
+  } catch (const c10::LinAlgError&) {
+  }
+  const auto dtype = x.scalar_type();
+  const at::Tensor exact = x.to(at::kDouble);
+  try {
+    auto [u, s, vh] = at::linalg_svd(exact, /*full_matrices=*/false);
+    return {u.to(dtype), s.to(dtype), vh.to(dtype)};
+  } catch (const c10::LinAlgError&) {
+  }
+  const bool wide = x.size(0) <= x.size(1);
+  const at::Tensor short_side = wide ? exact : exact.t();
+  const at::Tensor vectors = psd_eigenvectors(at::mm(short_side, short_side.t())).flip({1});  // descending
+  const at::Tensor projected = at::mm(vectors.t(), short_side);
+  const at::Tensor s = at::linalg_vector_norm(projected, 2, {1});
+  const at::Tensor long_side = projected / at::where(s > 0, s, at::ones_like(s)).unsqueeze(1);
+  if (wide) return {vectors.to(dtype), s.to(dtype), long_side.to(dtype)};
+  return {long_side.t().to(dtype), s.to(dtype), vectors.t().to(dtype)};
+}
+
+struct RestrictedFit {
+  at::Tensor Uz, s, Vh;  // Vh = Vz^T Qr^T (c x n): right singular vectors of the fit in the original coordinates
+};
+
+RestrictedFit fit_in_right_basis(const at::Tensor& x, const at::Tensor& right_basis) {
+  auto [uz, s, vzh] = thin_svd(at::mm(x, right_basis));
+  return {uz, s, at::mm(vzh, right_basis.t())};
 }
 
 // Truncated SVD from the eigendecomposition of the Gram matrix of the shorter side: exact (no iteration) and
@@ -120,7 +172,7 @@ LowRankFactors weighted_em(const at::Tensor& w, const at::Tensor& omega, int64_t
   for (int64_t iter = 0; iter < max_iters; ++iter) {
     at::Tensor uz;
     if (exact) {
-      auto [u, s, vh] = at::linalg_svd(filled, /*full_matrices=*/false);
+      auto [u, s, vh] = thin_svd(filled);
       factors = split_singular_values(u, s, vh, rank);
     } else {
       RestrictedFit fit = fit_in_right_basis(filled, right_basis);
@@ -182,21 +234,46 @@ std::tuple<at::Tensor, at::Tensor> weighted_lowrank_impl(const at::Tensor& weigh
   check_all_finite(weight, "weight");
   const int64_t exponent = normalizing_exponent(weight);
   const at::Tensor w = scaled_by_power_of_two(weight, -exponent, compute_dtype(dtype));
-  const int64_t basis_columns = std::min(rank + oversample, k);
-
-  LowRankFactors factors;
-  if (!omega.has_value()) {
-    factors = truncated_svd(w, rank);
-  } else {
+  std::optional<at::Tensor> omega_c;
+  if (omega.has_value()) {
     const at::Tensor& om = *omega;
     check_same_shape(om, weight, "omega", "weight");
     check_same_device(om, weight, "omega", "weight");
     TORCH_CHECK(at::isFloatingType(om.scalar_type()) || om.scalar_type() == at::kBool,
                 "omega must be a floating-point or bool tensor, got ", om.scalar_type());
-    const at::Tensor omega_c = om.to(w.scalar_type()).contiguous();
-    check_all_finite(omega_c, "omega");
-    TORCH_CHECK(((omega_c >= 0) & (omega_c <= 1)).all().item<bool>(), "omega must have all values in [0, 1]");
-    factors = weighted_em(w, omega_c, rank, basis_columns, max_iters, tol, seed, fill_and_weighted_error);
+    omega_c = om.to(w.scalar_type()).contiguous();
+    check_all_finite(*omega_c, "omega");
+    TORCH_CHECK(((*omega_c >= 0) & (*omega_c <= 1)).all().item<bool>(), "omega must have all values in [0, 1]");
+  }
+  auto solve = [&](const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& om) -> LowRankFactors {
+    if (!om.has_value()) return truncated_svd(x, r);
+    const int64_t basis_columns = std::min(r + oversample, std::min(x.size(0), x.size(1)));
+    return weighted_em(x, *om, r, basis_columns, max_iters, tol, seed, fill_and_weighted_error);
+  };
+
+  // Deflation of all-zero rows and columns (pruning leaves many): whatever omega is there, the optimal factors are
+  // zero on them (a zero row i of W costs sum_j omega_ij (U_i V_j)^2, minimized by U_i = 0 without touching any
+  // other entry; likewise for columns and V), so the fit of the live submatrix embedded in zeros is exact. It is
+  // also faster, and it removes the cluster of zero Gram eigenvalues the empty rows create, on which LAPACK's
+  // eigensolver can fail. A live submatrix of rank below `rank` leaves the extra factor columns zero.
+  const at::Tensor nonzero = w != 0;
+  const at::Tensor live_rows = nonzero.any(1).nonzero().squeeze(1);
+  const at::Tensor live_cols = nonzero.any(0).nonzero().squeeze(1);
+  const int64_t m_live = live_rows.size(0), n_live = live_cols.size(0);
+  LowRankFactors factors;
+  if (m_live == m && n_live == n) {
+    factors = solve(w, rank, omega_c);
+  } else {
+    factors = {at::zeros({m, rank}, w.options()), at::zeros({rank, n}, w.options())};
+    const int64_t rank_live = std::min(rank, std::min(m_live, n_live));
+    if (rank_live > 0) {
+      auto live = [&](const at::Tensor& t) { return t.index_select(0, live_rows).index_select(1, live_cols); };
+      std::optional<at::Tensor> omega_live;
+      if (omega_c.has_value()) omega_live = live(*omega_c).contiguous();
+      const LowRankFactors sub = solve(live(w).contiguous(), rank_live, omega_live);
+      factors.U.narrow(1, 0, rank_live).index_copy_(0, live_rows, sub.U);
+      factors.V.narrow(0, 0, rank_live).index_copy_(1, live_cols, sub.V);
+    }
   }
   return {scaled_by_power_of_two(factors.U, exponent / 2, dtype),
           scaled_by_power_of_two(factors.V, exponent / 2, dtype)};

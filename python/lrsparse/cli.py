@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from lrsparse.factorization import FactorizationError
     from lrsparse.pipeline import CheckpointError
 
     handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     # ImportError: a missing optional package (tensorboard, datasets, onnx); the message says what to install.
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, FactorizationError, FloatingPointError,
+            ImportError) as exc:
         if args.log_level == "DEBUG":
             raise
         print(f"lrsparse {args.command}: error: {exc}", file=sys.stderr)

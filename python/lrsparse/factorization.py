@@ -256,6 +256,27 @@ def factorize_matrix(
     return U.to(weight.dtype).contiguous(), V.to(weight.dtype).contiguous()
 
 
+def singular_values(matrix: Tensor) -> Tensor:
+    """All ``min(m, n)`` singular values of ``matrix``, descending, in float64, without failing on finite input.
+
+    As in ops.weighted_lowrank: all-zero rows and columns (pruning leaves many) are deflated first, since they only
+    add zero singular values, and a LAPACK refusal of the remaining clustered spectrum falls back to the
+    eigenvalues of the Gram matrix of the shorter side (exact squares of the singular values).
+    """
+    x = matrix.detach().double()
+    full = min(x.shape)
+    nonzero = x != 0
+    live = x[nonzero.any(dim=1)][:, nonzero.any(dim=0)]
+    if live.numel() == 0:
+        return x.new_zeros(full)
+    try:
+        values = torch.linalg.svdvals(live)
+    except torch.linalg.LinAlgError:
+        gram = live @ live.T if live.shape[0] <= live.shape[1] else live.T @ live
+        values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return torch.cat([values, values.new_zeros(full - values.numel())])
+
+
 def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_options) -> Tensor:
     """Singular values of the matrix each method actually truncates (energy allocation compares these)."""
     work = weight.detach().float()
@@ -263,7 +284,7 @@ def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_
         work = fisher_row_scale(fisher_rows, work.shape[0]).to(work.device)[:, None] * work
     elif method == "sparsity-aware":
         work = sparsity_aware_omega(work, mask, importance, **omega_options).sqrt() * work
-    return torch.linalg.svdvals(work)
+    return singular_values(work)
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
@@ -273,6 +294,38 @@ def _relative_error(weight: Tensor, U: Tensor, V: Tensor) -> float:
     residual = float(torch.linalg.matrix_norm(weight.double() - U.double() @ V.double()))
     norm = float(torch.linalg.matrix_norm(weight.double()))
     return residual / norm if norm > 0 else residual
+
+
+class FactorizationError(RuntimeError):
+    """The factorization of one layer failed. Carries the layer's name, the call's arguments and its input
+    tensors, so that the caller can save them for a bug report (:meth:`save`) without losing the run."""
+
+    def __init__(self, layer: str, arguments: Mapping, inputs: Mapping[str, Tensor | None], cause: BaseException):
+        self.layer = layer
+        self.arguments = dict(arguments)
+        self.inputs = {name: t.detach().cpu().contiguous() for name, t in inputs.items() if t is not None}
+        self.cause = cause
+        self.saved_to = None
+        self.hint = ""
+        super().__init__(layer, arguments, cause)
+
+    def __str__(self) -> str:
+        described = ", ".join(f"{key}={value!r}" for key, value in self.arguments.items())
+        shapes = ", ".join(f"{name} {tuple(t.shape)} {t.dtype}" for name, t in self.inputs.items())
+        saved = f"; its inputs are saved in {self.saved_to}" if self.saved_to else ""
+        return (f"factorization of layer {self.layer!r} failed ({described}; inputs: {shapes}): "
+                f"{type(self.cause).__name__}: {self.cause}{saved}{self.hint}")
+
+    def save(self, path) -> None:
+        """Writes the inputs and the arguments (as metadata) to a safetensors file, for a bug report."""
+        from safetensors.torch import save_file
+
+        tensors = {name: (t.float() if t.dtype == torch.bool else t) for name, t in self.inputs.items()}
+        metadata = {key: str(value) for key, value in self.arguments.items()}
+        metadata.update(layer=self.layer, error=f"{type(self.cause).__name__}: {self.cause}",
+                        torch=torch.__version__, threads=str(torch.get_num_threads()))
+        save_file(tensors, str(path), metadata=metadata)
+        self.saved_to = str(path)
 
 
 @dataclass
@@ -356,10 +409,11 @@ def factorize_model(
         module = resolved[name]
         importance = pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None
         fisher = pruner.fisher(name) if method == "fwsvd" else None
+        # out_in_weight(module, None) is the weight itself: absent statistics must stay None.
         return {
             "mask": layer_masks[name],
-            "importance": out_in_weight(module, importance),
-            "fisher_rows": out_in_weight(module, fisher),
+            "importance": None if importance is None else out_in_weight(module, importance),
+            "fisher_rows": None if fisher is None else out_in_weight(module, fisher),
         }
 
     spectra = None
@@ -373,7 +427,13 @@ def factorize_model(
     reports = []
     for name, module in resolved.items():
         weight, mask = out_in_weight(module), layer_masks[name]
-        U, V = factorize_matrix(weight, ranks[name], method, **statistics(name), **solver_options, **omega_options)
+        layer_statistics = statistics(name)
+        try:
+            U, V = factorize_matrix(weight, ranks[name], method, **layer_statistics, **solver_options,
+                                    **omega_options)
+        except Exception as error:
+            arguments = {"rank": ranks[name], "method": method, **solver_options, **omega_options}
+            raise FactorizationError(name, arguments, {"weight": weight, **layer_statistics}, error) from error
         relative_error = _relative_error(weight, U, V)
         if is_conv1d(module):
             weight = nn.Parameter(weight.detach().contiguous(), requires_grad=module.weight.requires_grad)

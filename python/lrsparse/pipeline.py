@@ -929,7 +929,7 @@ class CompressionRun:
         return extra
 
     def _stage_factorize(self, state: _RunState, stage_seed: int) -> dict:
-        from lrsparse.factorization import factorize_model
+        from lrsparse.factorization import FactorizationError, factorize_model
 
         config = self.config
         kwargs: dict[str, Any] = {}
@@ -937,10 +937,18 @@ class CompressionRun:
             kwargs["masks"] = state.pruner.masks
         elif state.pruner is not None:
             kwargs["pruner"] = state.pruner
-        reports = factorize_model(state.model, config.keep, method=config.resolved_factorization(),
-                                  allocation=config.rank_allocation, rank_multiple=config.rank_multiple,
-                                  solver_options={"max_iters": config.factorization_iters, "seed": config.seed},
-                                  **kwargs)
+        try:
+            reports = factorize_model(state.model, config.keep, method=config.resolved_factorization(),
+                                      allocation=config.rank_allocation, rank_multiple=config.rank_multiple,
+                                      solver_options={"max_iters": config.factorization_iters, "seed": config.seed},
+                                      **kwargs)
+        except FactorizationError as error:
+            # The prune checkpoint is intact: keep the failing inputs beside it and say how to continue.
+            if is_main_process():
+                error.save(self.store.directory / f"factorization_failure_{error.layer}.safetensors")
+            error.hint = (f". The checkpoint of the previous stage in {self.store.directory} is kept: once the "
+                          "cause is fixed, rerun the same command with --resume to continue from it")
+            raise
         state.pruner = None  # importance state is no longer needed (and not checkpointed from here on)
         state.layers = [_layer_report_dict(r) for r in reports]
         return {"mean_relative_error": sum(r["relative_error"] for r in state.layers) / max(1, len(state.layers))}
