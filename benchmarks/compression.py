@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from lrsparse.pipeline import CompressionConfig, finetune_dense, run_compression
+from lrsparse.pipeline import finetune_dense, run_compression
+from lrsparse.recipe import RecipeConfig
 
 METHODS = ["prune-only", "svd", "fwsvd", "magnitude-svd", "lpaf"]
 # LPAF ablations: (label, config overrides)
 ABLATIONS = [
-    ("lpaf: plain svd factorization", {"factorization": "svd"}),
+    ("lpaf: plain svd factorization", {"factorizer": "svd"}),
     ("lpaf: no mixed-rank (alpha=1)", {"mixed_rank": "none"}),
     ("lpaf: uniform ranks", {"rank_allocation": "uniform"}),
     ("lpaf: energy ranks", {"rank_allocation": "energy"}),
@@ -168,7 +169,7 @@ def main(argv=None):
         dense_dir = args.work_dir / task / "dense"
         if not (dense_dir / "dense_metrics.json").exists():
             dense_budget = {**base, "max_train_samples": args.dense_train_samples or args.train_samples}
-            finetune_dense(CompressionConfig(task=task, keep=1.0, output_dir=str(dense_dir), **dense_budget), dense_dir)
+            finetune_dense(RecipeConfig.create(task, 1.0, str(dense_dir), **dense_budget), dense_dir)
         dense = json.loads((dense_dir / "dense_metrics.json").read_text())
         if (task, "dense", 1.0) not in done:
             results.append({"task": task, "method": "dense", "keep": 1.0, "main": dense["metrics"]["main"],
@@ -182,8 +183,8 @@ def main(argv=None):
                 if (task, label, keep) in done:
                     continue
                 run_dir = args.work_dir / task / f"{label.replace(' ', '_').replace(':', '').replace('(', '').replace(')', '').replace('=', '')}-keep{keep}"
-                config = CompressionConfig(task=task, keep=keep, output_dir=str(run_dir), model=str(dense_dir),
-                                           method=method, resume=True, **{**base, **overrides})
+                config = RecipeConfig.create(task, keep, str(run_dir), method=method, model=str(dense_dir),
+                                             resume=True, **{**base, **overrides})
                 report = run_compression(config)
                 params = report["params"]
                 results.append({

@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 import lrsparse
-from lrsparse import pipeline
+from lrsparse import PRESETS, pipeline
 from lrsparse.cli import build_parser, config_from_args, main
 from lrsparse.data import PaddingCollator, TokenizedDataset, load_glue
-from lrsparse.pipeline import FAIL_AFTER_STAGE_ENV, CompressionRun, has_trained_head
+from cli_with_checkpoint_hooks import EXIT_AFTER_STAGE
+from lrsparse.modeling import has_trained_head
+from lrsparse.pipeline import CompressionRun
 from lrsparse.report import PARAM_KEYS, validate_report
 
 KEEP = 0.25
@@ -148,8 +150,8 @@ def test_inspect_prints_tables(reference_run, capsys):
 def _run_cli_subprocess(argv: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
     package_root = str(Path(lrsparse.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "lrsparse.cli", *argv], env=env, capture_output=True, text=True,
+    env["PYTHONPATH"] = os.pathsep.join([package_root, str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "cli_with_checkpoint_hooks", *argv], env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -157,7 +159,7 @@ def _run_cli_subprocess(argv: list[str], env_extra: dict[str, str]) -> subproces
 def crashed_run(tmp_path_factory, data_dir, minilm_path):
     """A run whose process died right after the checkpoint of its "prune" stage (read-only: copy it to resume)."""
     output = tmp_path_factory.mktemp("crashed") / "run"
-    crashed = _run_cli_subprocess(compress_argv(data_dir, minilm_path, output), {FAIL_AFTER_STAGE_ENV: "prune"})
+    crashed = _run_cli_subprocess(compress_argv(data_dir, minilm_path, output), {EXIT_AFTER_STAGE: "prune"})
     assert crashed.returncode == 75, crashed.stderr[-2000:]
     return output
 
@@ -233,7 +235,9 @@ def _write_sst2(root: Path, dev_text: str) -> Path:
         ({"--task": "imdb"}, "task 'imdb' is not a GLUE task"),
         ({"--keep": "0"}, r"keep must be a fraction in \(0, 1\], got 0.0"),
         ({"--keep": "1.5"}, r"keep must be a fraction in \(0, 1\], got 1.5"),
-        ({"--method": "svd", "--factorization": "sparsity-aware"}, "factorization 'sparsity-aware' does not apply"),
+        ({"--method": "magnitude-svd", "--factorization": "fwsvd"},
+         r"factorizer 'fwsvd' needs \['fisher'\], which pruner 'magnitude' does not collect"),
+        ({"--method": "prune-only", "--pruner": "none"}, "pruner and factorizer cannot both be 'none'"),
         ({"--lr": "-1"}, "lr must be > 0"),
         ({"--data-dir": "EMPTY"}, r"sst2 train file not found: .*SST-2[/\\]train.tsv"),
         ({"--data-dir": "BAD_LABEL"}, r"dev.tsv line 2: label '7' of sst2"),
@@ -289,7 +293,7 @@ def test_unknown_method_is_rejected_by_the_parser(capsys):
 
 def test_every_method_gets_the_same_training_budget(tmp_path, data_dir, minilm_path, no_model_loading):
     steps = {}
-    for method in pipeline.METHODS:
+    for method in PRESETS:
         argv = compress_argv(data_dir, minilm_path, tmp_path / method, "--method", method)
         steps[method] = CompressionRun(config_from_args(build_parser().parse_args(argv))).steps
     # 32 examples / batch 8 = 4 steps per epoch and stage.

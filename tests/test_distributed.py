@@ -15,17 +15,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from lrsparse.factorization import factorize_model
+import lrsparse
+from lrsparse.checkpoint import CheckpointStore
 from lrsparse.io import save_compressed
-from lrsparse.layers import LowRankLinear, MixedRankScheduler
-from lrsparse.pipeline import CheckpointStore
-from lrsparse.pruning import FirstOrderPruner
+from lrsparse.layers import LowRankLinear
 from pipeline_helpers import random_batches, tiny_bert
 
 WORLD = 2
 GLOBAL_BATCH = 8
 PRUNE_STEPS, MIXED_STEPS, KEEP = 10, 6, 0.4
-PRUNER_OPTIONS = dict(initial_warmup_fraction=2, final_warmup_fraction=3, delta_t=2)
+# Warm-ups of 2 and 3 of the PRUNE_STEPS steps.
+CONFIG = lrsparse.PRESETS["lpaf"].replace(keep=KEEP, delta_t=2, initial_warmup_fraction=0.2,
+                                          final_warmup_fraction=0.3, factorization_iters=20)
 
 
 def batches(count: int, seed: int) -> list[dict]:
@@ -43,56 +44,58 @@ def compress(rank: int, world: int, save_dir=None) -> dict:
     model = tiny_bert(seed=0)
     wrapped = DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pruner = FirstOrderPruner(model, KEEP, PRUNE_STEPS, **PRUNER_OPTIONS)  # on the module DDP wraps, not on DDP
+    # On the module DDP wraps, not on DDP.
+    compressor = lrsparse.prepare(model, CONFIG, total_steps=PRUNE_STEPS)
     model.train()
     first_grads = None
     for batch in batches(PRUNE_STEPS, seed=1):
         wrapped(**shard(batch, rank, world)).loss.backward()  # DDP all-reduces (averages) the gradients here
         if first_grads is None:  # what the pruner reads: the .grad of the wrapped module's weights
-            first_grads = {name: m.weight.grad.clone() for name, m in pruner.targets.items()}
+            first_grads = {name: m.weight.grad.clone() for name, m in compressor.targets.items()}
         optimizer.step()
-        pruner.step()
+        compressor.step()
         optimizer.zero_grad()
+    pruner = compressor.pruner
     masks = {name: mask.clone() for name, mask in pruner.masks.items()}
     scores = {name: pruner.scores(name) for name in pruner.targets}
 
-    factorize_model(model, keep=KEEP, pruner=pruner, solver_options={"max_iters": 20})
+    compressor.factorize(total_steps=MIXED_STEPS)
     # New parameters (U, V): a new DDP wrapper and a new optimizer.
     wrapped = DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = MixedRankScheduler(model, MIXED_STEPS, blend_fraction=0.5, optimizer=optimizer)
     for batch in batches(MIXED_STEPS, seed=2):
         wrapped(**shard(batch, rank, world)).loss.backward()
         optimizer.step()
-        was_final = scheduler.finalized
-        scheduler.step()
+        was_final = compressor.phase == "done"
+        compressor.step(optimizer)
         optimizer.zero_grad()
-        if distributed and scheduler.finalized and not was_final:
+        if distributed and compressor.phase == "done" and not was_final:
             wrapped = DistributedDataParallel(model)  # the sparse weights left the model: re-register its params
-    assert scheduler.finalized
+    assert compressor.phase == "done" and compressor.scheduler.finalized
 
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batches(1, seed=3)[0]["input_ids"]).logits
     factors = {name: (m.U.detach().clone(), m.V.detach().clone())
                for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    written = None if save_dir is None else save_compressed(model, save_dir)
+    written = None if save_dir is None else save_compressed(model, save_dir, config=compressor.config,
+                                                            records=compressor.records)
     return {"grads": first_grads, "masks": masks, "scores": scores, "factors": factors, "logits": logits, "written": written}
 
 
 def local_gradient_pruning(rank: int, world: int) -> str:
-    """A pruner on a model NOT wrapped in DDP: each rank sees only its own gradients."""
+    """A compressor on a model NOT wrapped in DDP: each rank sees only its own gradients."""
     model = tiny_bert(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pruner = FirstOrderPruner(model, KEEP, PRUNE_STEPS, **PRUNER_OPTIONS)
+    compressor = lrsparse.prepare(model, CONFIG, total_steps=PRUNE_STEPS)
     try:
         for batch in batches(PRUNE_STEPS, seed=1):
             model(**shard(batch, rank, world)).loss.backward()
             optimizer.step()
-            pruner.step()
+            compressor.step()
             optimizer.zero_grad()
     except RuntimeError as exc:
-        return f"step {pruner.step_count}: {exc}"
+        return f"step {compressor.pruner.step_count}: {exc}"
     return "no error"
 
 
@@ -109,11 +112,11 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def with_trainer(directory: str, world: int) -> dict:
-    """The same compression through transformers.Trainer and the lrsparse.hf callbacks; under a process group
+    """The same compression through transformers.Trainer and lrsparse.hf.CompressorCallback; under a process group
     Trainer (accelerate) wraps the model in DDP and shards each global batch of GLOBAL_BATCH over the ranks."""
     from transformers import Trainer, TrainingArguments
 
-    from lrsparse.hf import MixedRankCallback, PruningCallback
+    from lrsparse.hf import CompressorCallback
 
     def arguments(steps):
         return TrainingArguments(
@@ -124,14 +127,16 @@ def with_trainer(directory: str, world: int) -> dict:
             ddp_backend="gloo" if world > 1 else None)
 
     model = tiny_bert(seed=0)
-    pruning = PruningCallback(KEEP, **PRUNER_OPTIONS)
+    # "uniform" ranks fit keep exactly, which check_budget verifies.
+    compressor = lrsparse.prepare(model, CONFIG.replace(rank_allocation="uniform"))
     Trainer(model=model, args=arguments(PRUNE_STEPS), train_dataset=TokenDataset(PRUNE_STEPS, seed=1),
-            callbacks=[pruning]).train()
-    masks = {name: mask.clone() for name, mask in pruning.pruner.masks.items()}
-    factorize_model(model, keep=KEEP, allocation="uniform", pruner=pruning.pruner, solver_options={"max_iters": 20})
+            callbacks=[CompressorCallback(compressor)]).train()
+    masks = {name: mask.clone() for name, mask in compressor.pruner.masks.items()}
+    compressor.factorize()  # phase 2's length: the next Trainer's max_steps
     trainer = Trainer(model=model, args=arguments(MIXED_STEPS), train_dataset=TokenDataset(MIXED_STEPS, seed=2),
-                      callbacks=[MixedRankCallback(blend_fraction=0.5, keep=KEEP)])
+                      callbacks=[CompressorCallback(compressor, check_budget=True)])
     trainer.train()
+    assert compressor.phase == "done"
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batches(1, seed=3)[0]["input_ids"]).logits

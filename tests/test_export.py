@@ -119,7 +119,7 @@ def test_plain_tree_is_two_linears_per_layer_and_calls_no_lrsparse_op(loaded, ex
         assert torch.equal(down.weight, layer.V) and torch.equal(up.weight, layer.U)
         assert torch.equal(up.bias, layer.bias)
         assert down.weight.data_ptr() != layer.V.data_ptr()  # a copy: the loaded model is left alone
-    assert [(e["name"], e["rank"]) for e in lrexport.low_rank_layers(plain)] == [
+    assert [(e["name"], e["rank"]) for e in lrexport.low_rank_layers(loaded)] == [
         (n, m.rank) for n, m in originals.items()]
 
     with torch.no_grad(), OpNames() as seen:

@@ -45,9 +45,11 @@ def test_tiny_bert_round_trip(saved_tiny):
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
     assert [(n, m.rank) for n, m in layers.items()] == [(r.name, r.rank) for r in reports]
     manifest = json.loads((directory / LAYERS_FILE).read_text())
-    assert manifest["format_version"] == 1 and manifest["extra"] == {"task": "unit"}
+    assert manifest["format_version"] == 2 and manifest["extra"] == {"task": "unit"}
+    assert manifest["lpaf_config"] is None  # saved without the method's config
     assert manifest["layers"][0] == {"name": reports[0].name, "in_features": 32, "out_features": 32,
-                                     "rank": reports[0].rank, "bias": True, "method": "svd"}
+                                     "rank": reports[0].rank, "bias": True, "kind": "low-rank", "masked": False,
+                                     "density": 1.0, "factorizer": "svd", "relative_error": None}
     files = [p for p in directory.iterdir() if p.is_file()]
     assert size == sum(p.stat().st_size for p in files)
     assert not [p for p in directory.iterdir() if p.name.startswith(".lrsparse-save")]  # staging removed
@@ -152,3 +154,30 @@ def test_save_refuses_models_with_a_sparse_path(tmp_path):
     finalize_low_rank(model)
     with pytest.raises(TypeError, match="extra"):
         save_compressed(model, tmp_path / "x", extra={"bad": object()})
+
+
+def test_format_1_manifest_of_lrsparse_0_1_still_loads(saved_tiny, tmp_path):
+    """A model saved by lrsparse 0.1 (manifest format 1: layers with "method", no kind, no config) loads into the
+    same model; its records are migrated (kind low-rank, factorizer = the old method)."""
+    import shutil
+
+    from lrsparse.io import read_manifest
+
+    model, reports, directory, _ = saved_tiny
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    manifest = json.loads((old / LAYERS_FILE).read_text())
+    # Exactly the layout lrsparse 0.1's save_compressed wrote.
+    old_manifest = {"format_version": 1, "model_class": manifest["model_class"],
+                    "layers": [{"name": layer["name"], "in_features": layer["in_features"],
+                                "out_features": layer["out_features"], "rank": layer["rank"], "bias": layer["bias"],
+                                "method": layer["factorizer"]} for layer in manifest["layers"]],
+                    "tied_weights": manifest["tied_weights"], "extra": manifest["extra"]}
+    (old / LAYERS_FILE).write_text(json.dumps(old_manifest))
+    loaded = load_compressed(old)
+    ids = random_batches(1, seed=3)[0]["input_ids"]
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    migrated = read_manifest(old)
+    assert migrated["config"] is None
+    assert [(r.name, r.rank, r.kind, r.factorizer) for r in migrated["records"]] == [
+        (r.name, r.rank, "low-rank", "svd") for r in reports]

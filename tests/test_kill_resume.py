@@ -3,7 +3,7 @@ with --resume gives bitwise the same weights and metrics as an uninterrupted run
 
 The model is a tiny random BERT saved with the real all-MiniLM-L6-v2 tokenizer (MiniLM itself would make every
 intra-stage checkpoint ~0.5 GB); the data a small SST-2 subset. The uninterrupted reference runs without intra-stage
-checkpoints, so it also shows that checkpointing does not perturb the run. The LRSPARSE_PAUSE_AFTER_CHECKPOINT hook
+checkpoints, so it also shows that checkpointing does not perturb the run. The LRSPARSE_TEST_PAUSE_AFTER_CHECKPOINT hook (tests/cli_with_checkpoint_hooks.py)
 only makes the process wait after a given checkpoint so the kill lands there; the kill is a real SIGKILL.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import lrsparse
 from lrsparse.cli import build_parser, config_from_args, main
 from lrsparse.io import LAYERS_FILE
-from lrsparse.pipeline import PAUSE_AFTER_CHECKPOINT_ENV, CompressionRun
+from cli_with_checkpoint_hooks import PAUSE_AFTER_CHECKPOINT
+from lrsparse.pipeline import CompressionRun
 
 # 96 examples / batch 8 = 12 steps per epoch; 1.5 epochs = 18 steps per stage, so the data order crosses an epoch.
 STEPS = 18
@@ -75,12 +76,12 @@ def _in_progress(manifest_path: Path) -> dict | None:
 def kill_at_checkpoint(argv: list[str], output: Path, stage: str, step: int, log_path: Path) -> dict:
     """Runs the CLI in a subprocess, SIGKILLs it once the manifest records the checkpoint of ``stage`` at ``step``;
     returns that manifest record."""
-    env = dict(os.environ, **{PAUSE_AFTER_CHECKPOINT_ENV: f"{stage}:{step}", "OMP_NUM_THREADS": "1"})
+    env = dict(os.environ, **{PAUSE_AFTER_CHECKPOINT: f"{stage}:{step}", "OMP_NUM_THREADS": "1"})
     package_root = str(Path(lrsparse.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     manifest_path = output / "checkpoint" / "manifest.json"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "lrsparse.cli", *argv], env=env, stdout=log_file,
+        process = subprocess.Popen([sys.executable, "-m", "cli_with_checkpoint_hooks", *argv], env=env, stdout=log_file,
                                    stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300

@@ -17,6 +17,7 @@ from lrsparse import pipeline
 from lrsparse.cli import main
 from lrsparse.data import PaddingCollator
 from lrsparse.io import LAYERS_FILE
+from lrsparse.recipe import RecipeConfig
 from lrsparse.metrics import normalize_answer, squad_exact_match, squad_f1, squad_metrics
 from lrsparse.squad import (
     ARTICLE_SPLIT_EVAL_FRACTION,
@@ -419,7 +420,7 @@ def test_bad_squad_input_fails_before_any_model_work(change, message, tmp_path, 
 
 def test_validate_requires_a_question_answering_window(tmp_path):
     def config(task, max_seq_len):
-        return pipeline.CompressionConfig(task=task, keep=0.5, output_dir=str(tmp_path), max_seq_len=max_seq_len)
+        return RecipeConfig.create(task, 0.5, str(tmp_path), max_seq_len=max_seq_len)
 
     config("squad", 16).validate()
     config("sst2", 8).validate()  # classification keeps its lower bound

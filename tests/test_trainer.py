@@ -1,6 +1,7 @@
-"""lrsparse.hf callbacks inside a real transformers.Trainer: the pruning phase on real MiniLM and SST-2 reaches the
-cubic schedule's density at every step and gives the same masks and weights as the plain loop with
-FirstOrderPruner; the mixed-rank phase ends low-rank within budget; every misuse fails loudly."""
+"""lrsparse.hf.CompressorCallback inside a real transformers.Trainer: the pruning phase on real MiniLM and SST-2
+reaches the cubic schedule's density at every step and gives the same masks and weights as the plain loop with
+FirstOrderPruner; the mixed-rank phase (a new Trainer after compressor.factorize()) ends low-rank within budget;
+every misuse fails loudly."""
 from __future__ import annotations
 
 import copy
@@ -12,15 +13,19 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+import lrsparse
 from lrsparse.data import PaddingCollator, TokenizedDataset, load_glue
-from lrsparse.factorization import factorize_model
-from lrsparse.hf import MixedRankCallback, PruningCallback, low_rank_parameter_budget
-from lrsparse.layers import LowRankLinear, MixedRankLinear
+from lrsparse.hf import CompressorCallback, low_rank_parameter_budget
+from lrsparse.layers import LowRankLinear, MixedRankLinear, finalize_low_rank
 from lrsparse.pruning import FirstOrderPruner
 from pipeline_helpers import VOCAB, tiny_bert
 
 STEPS, BATCH, FINAL, WARM_I, WARM_F, DELTA = 12, 8, 0.3, 2, 4, 2
-PRUNER_OPTIONS = dict(initial_warmup_fraction=WARM_I, final_warmup_fraction=WARM_F, delta_t=DELTA)
+# The warm-ups as fractions of STEPS (WARM_I and WARM_F steps); "uniform" ranks fit keep exactly ("budget" may give a
+# heavily pruned tiny matrix its minimum rank 1).
+CONFIG = lrsparse.PRESETS["lpaf"].replace(keep=FINAL, delta_t=DELTA, initial_warmup_fraction=WARM_I / STEPS,
+                                          final_warmup_fraction=WARM_F / STEPS, rank_allocation="uniform",
+                                          factorization_iters=5)
 LR = 5e-4
 LAYERS = 2
 
@@ -83,19 +88,23 @@ def test_trainer_pruning_matches_schedule_and_plain_loop(minilm_path, sst2, tmp_
                           "attention.output.dense", "intermediate.dense", "output.dense")]
     total = LAYERS * (4 * 384 * 384 + 2 * 384 * 1536)
 
-    callback = PruningCallback(FINAL, **PRUNER_OPTIONS)
+    compressor = lrsparse.prepare(model, CONFIG)  # total_steps: the Trainer's max_steps, at on_train_begin
     probe = LiveCountProbe(names)
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset, data_collator=collate,
-                      callbacks=[callback, probe])
+                      callbacks=[CompressorCallback(compressor), probe])
     trainer.train()
 
-    assert sorted(callback.pruner.targets) == sorted(names)
+    assert compressor.total_steps == STEPS and compressor.phase == "prune"
+    assert sorted(compressor.targets) == sorted(names)
     assert probe.counts == [closed_form_live(step, total) for step in range(1, STEPS + 1)]
     assert probe.counts[-1] == round(FINAL * total)
-    assert callback.pruner.mask_updates == 3  # steps 4, 6 and 8 (= STEPS - WARM_F)
+    assert compressor.pruner.mask_updates == 3  # steps 4, 6 and 8 (= STEPS - WARM_F)
+    assert compressor.density() == round(FINAL * total) / total
 
-    # Independent reference: the documented plain loop, same batches, same optimizer, same clipping.
-    pruner = FirstOrderPruner(reference, FINAL, STEPS, **PRUNER_OPTIONS)
+    # Independent reference: the documented plain loop, same batches, same optimizer, same clipping, with the
+    # warm-ups given as step counts.
+    pruner = FirstOrderPruner(reference, FINAL, STEPS, initial_warmup_fraction=WARM_I, final_warmup_fraction=WARM_F,
+                              delta_t=DELTA)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False, collate_fn=collate)
     reference.train()
@@ -107,7 +116,7 @@ def test_trainer_pruning_matches_schedule_and_plain_loop(minilm_path, sst2, tmp_
         optimizer.zero_grad()
     assert pruner.step_count == STEPS
     for name in names:
-        assert torch.equal(callback.pruner.masks[name], pruner.masks[name]), name
+        assert torch.equal(compressor.pruner.masks[name], pruner.masks[name]), name
         torch.testing.assert_close(model.get_submodule(name).weight, reference.get_submodule(name).weight,
                                    rtol=1e-5, atol=1e-6)
 
@@ -132,25 +141,33 @@ def tiny_trainer(model, tmp_path, callbacks, steps=STEPS, **overrides):
 
 
 def test_two_phases_end_low_rank_within_budget(tmp_path):
-    model = tiny_bert()
-    pruning = PruningCallback(FINAL, **PRUNER_OPTIONS)
-    tiny_trainer(model, tmp_path, [pruning]).train()
-    shapes = {name: tuple(m.weight.shape) for name, m in pruning.pruner.targets.items()}
-    # "uniform" ranks fit keep exactly ("budget" may give a heavily pruned tiny matrix its minimum rank 1).
-    factorize_model(model, keep=FINAL, allocation="uniform", pruner=pruning.pruner, solver_options={"max_iters": 5})
-
-    mixing = MixedRankCallback(blend_fraction=0.5, keep=FINAL, tensorboard_dir=str(tmp_path / "tb"))
-    trainer = tiny_trainer(model, tmp_path, [mixing], steps=8)  # a new Trainer: a new optimizer over U, V
-    trainer.train()
-    mixing.close()
+    pytest.importorskip("tensorboard", reason="TensorBoard not installed (optional dependency)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    alpha = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("mixed_rank/alpha")
+    model = tiny_bert()
+    compressor = lrsparse.prepare(model, CONFIG)
+    # One callback drives both phases, each in its own Trainer.train().
+    callback = CompressorCallback(compressor, tensorboard_dir=str(tmp_path / "tb"), check_budget=True)
+    tiny_trainer(model, tmp_path, [callback]).train()
+    shapes = {name: tuple(m.weight.shape) for name, m in compressor.targets.items()}
+    records = compressor.factorize()  # phase 2's length: the next Trainer's max_steps
+    assert compressor.phase == "mixed_rank" and [r.kind for r in records] == ["mixed"] * len(shapes)
+
+    trainer = tiny_trainer(model, tmp_path, [callback], steps=8)  # a new Trainer: a new optimizer over U, V
+    trainer.train()
+    callback.close()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    alpha = events.Scalars("mixed_rank/alpha")
     assert [(e.step, e.value) for e in alpha] == [(t, min(1.0, t / 4)) for t in range(1, 9)]  # t / (0.5 * 8)
-    assert mixing.scheduler.finalized and mixing.scheduler.step_count == 8
+    assert [e.step for e in events.Scalars("pruning/density")] == list(range(1, STEPS + 1))
+    assert compressor.phase == "done" and callback.phases_run == ["prune", "mixed_rank"]
+    # Alpha reached 1 at step 4 (the sparse path left then); the callback stepped the compressor all 8 steps.
+    assert compressor.scheduler.finalized and compressor.scheduler.step_count == 4 and callback.steps == 8
     assert not any(isinstance(m, MixedRankLinear) for m in model.modules())
     low_rank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert sorted(low_rank) == sorted(shapes)
+    assert {r.name: (r.kind, r.rank) for r in compressor.records} == {n: ("low-rank", m.rank)
+                                                                      for n, m in low_rank.items()}
     used = sum(m.rank * (m.in_features + m.out_features) for m in low_rank.values())
     assert used <= math.floor(FINAL * sum(a * b for a, b in shapes.values()))
     assert low_rank_parameter_budget(shapes.values(), FINAL) == math.floor(FINAL * sum(a * b for a, b in
@@ -158,15 +175,20 @@ def test_two_phases_end_low_rank_within_budget(tmp_path):
     # The dropped sparse weights left the optimizer too; every factor is still trained by it.
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(m.U) in held and id(m.V) in held for m in low_rank.values())
+    assert len(held) == sum(1 for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------------- loud failures
+def pruning_callback(model, config=CONFIG, **options):
+    return CompressorCallback(lrsparse.prepare(model, config), **options)
+
+
 def test_frozen_targets_are_refused(tmp_path):
     model = tiny_bert()
     for module in model.bert.encoder.layer[0].attention.self.query.parameters():
         module.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
-        tiny_trainer(model, tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+        tiny_trainer(model, tmp_path, [pruning_callback(model)]).train()
 
 
 class ZeroLossTrainer(Trainer):
@@ -175,8 +197,9 @@ class ZeroLossTrainer(Trainer):
 
 
 def test_zero_gradients_fail_at_first_mask_update(tmp_path):
-    trainer = ZeroLossTrainer(model=tiny_bert(), args=training_args(tmp_path, per_device_train_batch_size=4),
-                              train_dataset=TokenDataset(), callbacks=[PruningCallback(FINAL, **PRUNER_OPTIONS)])
+    model = tiny_bert()
+    trainer = ZeroLossTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=4),
+                              train_dataset=TokenDataset(), callbacks=[pruning_callback(model)])
     with pytest.raises(RuntimeError, match=f"importance is zero in every target at mask step {WARM_I + DELTA}"):
         trainer.train()
 
@@ -186,20 +209,23 @@ def test_hook_that_never_fires_is_detected(tmp_path, monkeypatch):
 
     # As with a transformers (or a custom loop) that does not call on_optimizer_step.
     monkeypatch.setattr(CallbackHandler, "on_optimizer_step", lambda self, args, state, control: control)
+    model = tiny_bert()
     with pytest.raises(RuntimeError, match="0 on_optimizer_step calls for 1 optimizer steps"):
-        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+        tiny_trainer(model, tmp_path, [pruning_callback(model)]).train()
 
 
 def test_skipped_mask_update_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(FirstOrderPruner, "update_mask", lambda self, density=None: False)
+    model = tiny_bert()
     with pytest.raises(RuntimeError, match=f"scheduled mask update skipped: after step {WARM_I + DELTA}"):
-        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+        tiny_trainer(model, tmp_path, [pruning_callback(model)]).train()
 
 
 def test_masks_not_reapplied_are_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(FirstOrderPruner, "apply_masks", lambda self: None)
+    model = tiny_bert()
     with pytest.raises(RuntimeError, match="pruned weights of target .* are nonzero"):
-        tiny_trainer(tiny_bert(), tmp_path, [PruningCallback(FINAL, **PRUNER_OPTIONS)]).train()
+        tiny_trainer(model, tmp_path, [pruning_callback(model)]).train()
 
 
 class StopAt(TrainerCallback):
@@ -212,39 +238,69 @@ class StopAt(TrainerCallback):
 
 
 def test_early_stop_before_final_density_fails(tmp_path):
-    callbacks = [PruningCallback(FINAL, **PRUNER_OPTIONS), StopAt(5)]
+    model = tiny_bert()
+    callbacks = [pruning_callback(model), StopAt(5)]
     with pytest.raises(RuntimeError, match="final density not reached: .* after 5 of 12 steps"):
-        tiny_trainer(tiny_bert(), tmp_path, callbacks).train()
+        tiny_trainer(model, tmp_path, callbacks).train()
 
 
 def test_mixed_rank_phase_refusals(tmp_path):
-    with pytest.raises(ValueError, match="no MixedRankLinear"):
-        tiny_trainer(tiny_bert(), tmp_path, [MixedRankCallback()]).train()
-
     model = tiny_bert()
-    pruning = PruningCallback(FINAL, **PRUNER_OPTIONS)
-    trainer = tiny_trainer(model, tmp_path, [pruning])
+    compressor = lrsparse.prepare(model, CONFIG)
+    callback = CompressorCallback(compressor)
+    trainer = tiny_trainer(model, tmp_path, [callback])
     trainer.train()
-    factorize_model(model, keep=FINAL, pruner=pruning.pruner, solver_options={"max_iters": 5})
+    # Phase 2 without compressor.factorize(): the same callback, or a new one on the same compressor.
+    with pytest.raises(RuntimeError, match="already ran the 'prune' phase: call compressor.factorize()"):
+        tiny_trainer(model, tmp_path, [callback]).train()
+    with pytest.raises(RuntimeError, match="pruning phase already ran 12 steps: call compressor.factorize()"):
+        tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
+
+    compressor.factorize()
     # Reusing the first Trainer: its optimizer was built for the unfactorized model.
-    trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if c is not pruning]
-    trainer.add_callback(MixedRankCallback())
     with pytest.raises(RuntimeError, match="does not hold the factors U, V"):
         trainer.train()
-
-    with pytest.raises(ValueError, match="rank budget exceeded"):
-        tiny_trainer(model, tmp_path, [MixedRankCallback(keep=0.01)], steps=4).train()
+    # A refused start is not a run: the same callback then runs phase 2 in a new Trainer (stopped early here).
     with pytest.raises(RuntimeError, match="mixed-rank phase ended at alpha 0.5000 after 2 of 8 steps"):
-        tiny_trainer(model, tmp_path, [MixedRankCallback(blend_fraction=0.5), StopAt(2)], steps=8).train()
+        tiny_trainer(model, tmp_path, [callback, StopAt(2)], steps=8).train()
+    with pytest.raises(RuntimeError, match="already ran the 'mixed_rank' phase: one Trainer.train"):
+        tiny_trainer(model, tmp_path, [callback], steps=8).train()
+    compressor.convert()
+    with pytest.raises(RuntimeError, match="the compressor is done"):
+        tiny_trainer(model, tmp_path, [CompressorCallback(compressor)], steps=8).train()
+
+    # Converted by hand outside the compressor.
+    model = tiny_bert()
+    compressor = lrsparse.prepare(model, CONFIG)
+    tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
+    compressor.factorize()
+    finalize_low_rank(model)
+    with pytest.raises(ValueError, match="no MixedRankLinear"):
+        tiny_trainer(model, tmp_path, [CompressorCallback(compressor)], steps=4).train()
+
+    # A rank floor over the keep budget (32 x 32 and 32 x 64 matrices at rank >= 8 hold more than 0.3 of them).
+    model = tiny_bert()
+    compressor = lrsparse.prepare(model, CONFIG.replace(min_rank=8))
+    tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
+    compressor.factorize()
+    with pytest.raises(ValueError, match="rank budget exceeded"):
+        tiny_trainer(model, tmp_path, [CompressorCallback(compressor, check_budget=True)], steps=4).train()
 
 
-def test_callback_argument_errors():
-    with pytest.raises(ValueError, match="final_density"):
-        PruningCallback(1.5)
-    with pytest.raises(TypeError, match="total_steps"):
-        PruningCallback(0.5, total_steps=10)
+def test_callback_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="compressor must be a lrsparse Compressor"):
+        CompressorCallback(CONFIG)
+    with pytest.raises(ValueError, match="keep"):
+        CONFIG.replace(keep=1.5)
     with pytest.raises(ValueError, match="blend_fraction"):
-        MixedRankCallback(blend_fraction=2.0)
+        CONFIG.replace(blend_fraction=2.0)
+    # A compressor prepared for another length than the Trainer's max_steps.
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=f"prepared for total_steps=10, got {STEPS}"):
+        tiny_trainer(model, tmp_path, [CompressorCallback(lrsparse.prepare(model, CONFIG, total_steps=10))]).train()
+    # A Trainer over another model than the compressor's.
+    with pytest.raises(ValueError, match="not the model the compressor was prepared on"):
+        tiny_trainer(tiny_bert(), tmp_path, [CompressorCallback(lrsparse.prepare(model, CONFIG))]).train()
 
 
 # --------------------------------------------------------------------------------------------------- TensorBoard
@@ -253,17 +309,21 @@ def test_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = tiny_bert()
-    pruning = PruningCallback(FINAL, tensorboard_dir=str(tmp_path / "tb"), **PRUNER_OPTIONS)
-    trainer = tiny_trainer(model, tmp_path, [pruning], logging_strategy="steps", logging_steps=4)
+    compressor = lrsparse.prepare(model, CONFIG)
+    callback = CompressorCallback(compressor, tensorboard_dir=str(tmp_path / "tb"))
+    trainer = tiny_trainer(model, tmp_path, [callback], logging_strategy="steps", logging_steps=4)
     trainer.train()
     metrics = trainer.evaluate(TokenDataset(count=16, seed=5))  # after train(): still logged
-    pruning.close()
+    callback.close()
+    pruner = compressor.pruner
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     density = [(e.step, e.value) for e in events.Scalars("pruning/density")]
     assert [step for step, _ in density] == list(range(1, STEPS + 1))
-    assert density[-1][1] == pytest.approx(pruning.pruner.density(), abs=1e-7)
-    assert density[-1][1] == pytest.approx(round(FINAL * pruning.pruner.total_params) / pruning.pruner.total_params,
-                                           abs=1e-7)
+    assert density[-1][1] == pytest.approx(pruner.density(), abs=1e-7)
+    assert density[-1][1] == pytest.approx(round(FINAL * pruner.total_params) / pruner.total_params, abs=1e-7)
+    scheduled = [(e.step, e.value) for e in events.Scalars("pruning/scheduled_density")]
+    assert [step for step, _ in scheduled] == list(range(1, STEPS + 1))
+    assert scheduled[-1][1] == pytest.approx(FINAL, abs=1e-6)
     assert [e.step for e in events.Scalars("pruning/train/loss")] == [4, 8, 12]
     assert [(e.step, e.value) for e in events.Scalars("pruning/eval/loss")] == [
         (STEPS, pytest.approx(metrics["eval_loss"], rel=1e-6))]
@@ -272,7 +332,7 @@ def test_tensorboard_scalars(tmp_path):
 def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed.*pip install tensorboard"):
-        PruningCallback(FINAL, tensorboard_dir=str(tmp_path))
+        CompressorCallback(lrsparse.prepare(tiny_bert(), CONFIG), tensorboard_dir=str(tmp_path))
 
 
 def test_pipeline_cli_tensorboard_scalars(tmp_path, data_dir, minilm_path):
@@ -302,9 +362,8 @@ def test_pipeline_cli_tensorboard_scalars(tmp_path, data_dir, minilm_path):
 
 
 def test_pipeline_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
-    from lrsparse.pipeline import CompressionConfig
+    from lrsparse.recipe import RecipeConfig
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    config = CompressionConfig(task="sst2", keep=0.5, output_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
     with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed"):
-        config.validate()
+        RecipeConfig.create(task="sst2", keep=0.5, output_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))

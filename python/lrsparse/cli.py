@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,17 +20,51 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_defaults: dict | None = None) -> None:
+    """One flag per field of dataclass ``cls``, from its annotation and metadata (help, choices or the registry
+    whose names are the choices, flag name, required), as transformers' HfArgumentParser does.
+
+    With ``preset_defaults`` the flags default to None (unset): only the flags given override the preset, whose
+    values the help shows."""
+    from lrsparse.config import registry_choices
+
+    for spec in dataclasses.fields(cls):
+        meta = spec.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = "--" + (meta.get("cli") or spec.name).replace("_", "-")
+        annotation = str(spec.type).replace(" ", "")
+        kinds = [k for k in annotation.split("|") if k != "None"]
+        kwargs: dict = {"dest": spec.name, "help": meta.get("help", "")}
+        choices = meta.get("choices")
+        if meta.get("registry"):
+            choices = registry_choices(meta["registry"], allow_none=meta.get("allow_none", False))
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        if preset_defaults is not None and spec.name in preset_defaults:
+            kwargs["help"] += f" (lpaf preset: {preset_defaults[spec.name]})"
+            default = None
+        if kinds == ["bool"]:
+            parser.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if kinds[0].startswith("list["):
+            kwargs["nargs"] = meta.get("nargs", "+")
+            kinds = [kinds[0][5:-1]]
+        if meta.get("required"):
+            kwargs["required"] = True
+        elif default is not None and preset_defaults is None:
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, type=_SCALARS[kinds[0]], default=default, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lrsparse.config import PRESETS, LPAFConfig
     from lrsparse.export import FORMATS
-    from lrsparse.pipeline import (DENSE_FINETUNE_MODES, FACTORIZATIONS, METHODS, MIXED_RANK_STRATEGIES,
-                                   NONFINITE_GRAD_MODES, RANK_ALLOCATIONS, default_model)
+    from lrsparse.recipe import RecipeConfig
 
     parser = argparse.ArgumentParser(prog="lrsparse", description="Low-Rank Prune-And-Factorize compression")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -37,59 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task "
                                    "or SQuAD")
-    compress.add_argument("--model", default=default_model(),
-                          help="checkpoint folder or hub name (default: the bundled all-MiniLM-L6-v2)")
-    compress.add_argument("--task", required=True, help=f"GLUE task or squad: {', '.join(TASK_NAMES)}")
-    compress.add_argument("--keep", required=True, type=float,
-                          help="fraction of the target layers' parameters to keep, in (0, 1]")
-    compress.add_argument("--output", required=True, help="run folder (checkpoint/, model/, report.json)")
-    compress.add_argument("--data-dir", default=None,
-                          help="folder with <TASK>/{train,dev}.tsv in the GLUE layout, or for squad the official "
-                          "dev-v1.1.json (+ train-v1.1.json; without it the dev articles are split 80/20) "
-                          "(default: the hub)")
-    compress.add_argument("--method", default="lpaf", choices=METHODS)
-    compress.add_argument("--max-train-samples", type=_positive_int, default=None)
-    compress.add_argument("--max-eval-samples", type=_positive_int, default=None)
-    compress.add_argument("--epochs", type=float, default=3.0, help="epochs of each training stage")
-    compress.add_argument("--dense-epochs", type=float, default=None, help="override --epochs for dense fine-tuning")
-    compress.add_argument("--prune-epochs", type=float, default=None,
-                          help="override --epochs for fine-tuning with pruning (svd/fwsvd: plain fine-tuning)")
-    compress.add_argument("--mixed-epochs", type=float, default=None,
-                          help="override --epochs for mixed-rank fine-tuning")
-    compress.add_argument("--batch-size", type=_positive_int, default=32)
-    compress.add_argument("--eval-batch-size", type=_positive_int, default=64)
-    compress.add_argument("--lr", type=float, default=1e-4)
-    compress.add_argument("--weight-decay", type=float, default=0.01)
-    compress.add_argument("--warmup-ratio", type=float, default=0.06)
-    compress.add_argument("--max-seq-len", type=int, default=128)
-    compress.add_argument("--doc-stride", type=_positive_int, default=None,
-                          help="squad: tokens shared by consecutive windows of a long context (default max-seq-len/4)")
-    compress.add_argument("--seed", type=int, default=0)
-    compress.add_argument("--dense-finetune", choices=DENSE_FINETUNE_MODES, default="auto",
-                          help="auto: only when the checkpoint has no trained head for the task")
-    compress.add_argument("--factorization", choices=FACTORIZATIONS, default=None,
-                          help="default: sparsity-aware for lpaf, svd for svd/magnitude-svd, fwsvd for fwsvd")
-    compress.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default="budget")
-    compress.add_argument("--rank-multiple", type=_positive_int, default=1, help="round ranks down to a multiple")
-    compress.add_argument("--factorization-iters", type=_positive_int, default=100,
-                          help="EM iterations of the sparsity-aware weighted low-rank fit (cost grows linearly)")
-    compress.add_argument("--mixed-rank", choices=MIXED_RANK_STRATEGIES, default="blend")
-    compress.add_argument("--blend-fraction", type=float, default=0.5,
-                          help="fraction of mixed-rank fine-tuning over which alpha goes 0 -> 1")
-    compress.add_argument("--delta-t", type=_positive_int, default=10, help="steps between pruning mask updates")
-    compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    compress.add_argument("--threads", type=_positive_int, default=None,
-                          help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
-    compress.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    compress.add_argument("--checkpoint-every", type=_non_negative_int, default=200, metavar="N",
-                          help="also checkpoint every N optimizer steps inside the training stages (0: only after "
-                               "each stage)")
-    compress.add_argument("--nonfinite-grads", choices=NONFINITE_GRAD_MODES, default="skip",
-                          help="a training step with non-finite gradients is skipped (and counted) or an error")
-    compress.add_argument("--overwrite", action="store_true", help="start over in an output folder that has a run")
+    add_dataclass_arguments(compress.add_argument_group("recipe"), RecipeConfig)
+    lpaf_defaults = dataclasses.asdict(PRESETS["lpaf"])
+    add_dataclass_arguments(compress.add_argument_group("method (override the --method preset)"), LPAFConfig,
+                            preset_defaults={k: v for k, v in lpaf_defaults.items() if k != "keep"})
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
-    compress.add_argument("--tensorboard", metavar="DIR", default=None,
-                          help="write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
@@ -124,27 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The CompressionConfig of parsed ``compress`` arguments (per-stage epochs default to --epochs)."""
-    from lrsparse.pipeline import CompressionConfig
+    """The RecipeConfig of parsed ``compress`` arguments: the --method preset with the method flags given."""
+    from lrsparse.config import LPAFConfig
+    from lrsparse.recipe import RecipeConfig
 
-    def epochs(value):
-        return args.epochs if value is None else value
-
-    return CompressionConfig(
-        task=args.task, keep=args.keep, output_dir=args.output, model=args.model, method=args.method,
-        data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        dense_epochs=epochs(args.dense_epochs), prune_epochs=epochs(args.prune_epochs),
-        mixed_epochs=epochs(args.mixed_epochs), batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_seq_len=args.max_seq_len,
-        doc_stride=args.doc_stride,
-        seed=args.seed, dense_finetune=args.dense_finetune, factorization=args.factorization,
-        rank_allocation=args.rank_allocation, rank_multiple=args.rank_multiple,
-        factorization_iters=args.factorization_iters, mixed_rank=args.mixed_rank,
-        blend_fraction=args.blend_fraction, delta_t=args.delta_t, device=args.device, threads=args.threads,
-        resume=args.resume,
-        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, nonfinite_grads=args.nonfinite_grads,
-        tensorboard_dir=args.tensorboard,
-    )
+    values = vars(args)
+    method_fields = [f.name for f in dataclasses.fields(LPAFConfig)]
+    overrides = {name: values[name] for name in method_fields if values.get(name) is not None}
+    recipe = {f.name: values[f.name] for f in dataclasses.fields(RecipeConfig) if f.name in values}
+    keep = overrides.pop("keep")
+    return RecipeConfig.create(keep=keep, **recipe, **overrides)
 
 
 def _compress(args) -> int:
@@ -202,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from lrsparse.factorization import FactorizationError
-    from lrsparse.pipeline import CheckpointError
+    from lrsparse.checkpoint import CheckpointError
 
     handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
     try:

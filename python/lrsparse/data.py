@@ -2,15 +2,18 @@
 
 Local layout: ``<data_dir>/<TASK dir>/{train,dev}.tsv`` exactly as ``download_glue_data.py`` writes it. The files
 are read with ``delimiter='\\t'`` and ``quoting=csv.QUOTE_NONE`` like the GLUE processors (MRPC and STS-B contain
-bare ``"`` characters that a quoting reader would swallow) and with ``utf-8-sig`` so MRPC's byte-order mark does not
-end up in its first column name. Every problem with a file (missing file, missing column, short row, label outside
-the task's label set, empty split) raises before any model work starts, naming the file and row.
+bare ``"`` characters that a quoting reader would swallow), as UTF-8 with a leading byte-order mark dropped so that
+MRPC's does not end up in its first column name. Every problem with a file (missing file, bytes that are not UTF-8,
+missing or repeated column, row with more or fewer columns than the header, over-long field, label outside the task's
+label set or range, empty split) raises a ValueError (FileNotFoundError for a missing file) before any model work
+starts, naming the file and line.
 """
 from __future__ import annotations
 
 import csv
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +39,8 @@ class GlueTask:
 
     ``text_columns`` / ``label_column`` are header names of the local TSV, or integer column indices when the file
     has no header (CoLA). ``label_values`` lists the label strings of a classification task in class-id order;
-    regression tasks (``num_labels == 1``) instead accept floats in ``label_range``.
+    regression tasks (``num_labels == 1``) instead accept plain decimal numbers in ``label_range``. Every row of a
+    file with a header has as many columns as the header; ``num_columns`` is that count for a file without one.
     """
 
     name: str
@@ -47,6 +51,7 @@ class GlueTask:
     metrics: tuple[str, ...]
     main_metric: str
     has_header: bool = True
+    num_columns: int | None = None
     label_values: tuple[str, ...] = ("0", "1")
     label_range: tuple[float, float] | None = None
     split_files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
@@ -70,7 +75,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
     for task in (
         GlueTask("sst2", "SST-2", ("sentence",), "label", 2, ("accuracy",), "accuracy", hub_text_fields=("sentence",)),
         GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1"), "f1"),
-        GlueTask("cola", "CoLA", (3,), 1, 2, ("matthews_corr",), "matthews_corr", has_header=False,
+        GlueTask("cola", "CoLA", (3,), 1, 2, ("matthews_corr",), "matthews_corr", has_header=False, num_columns=4,
                  hub_text_fields=("sentence",)),
         GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", 1, ("pearson", "spearman"), "pearson",
                  label_values=(), label_range=(0.0, 5.0)),
@@ -137,12 +142,15 @@ class GlueSplit:
         )
 
 
+# A plain decimal number: float() alone would also take "1_0" (10.0), " 3 " and non-ASCII digits.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
     if spec.is_regression:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{where}: label {raw!r} of {spec.name} is not a number") from None
+        if not _DECIMAL.fullmatch(raw):
+            raise ValueError(f"{where}: label {raw!r} of {spec.name} is not a number")
+        value = float(raw)
         low, high = spec.label_range
         if not (low <= value <= high):  # also rejects nan
             raise ValueError(f"{where}: label {value} of {spec.name} is outside [{low}, {high}]")
@@ -155,6 +163,25 @@ def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
         ) from None
 
 
+def _undecodable(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits in ``path``: "line N: byte 0x.. at offset M (reason)"."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")  # a leading BOM is valid UTF-8, so offsets count from the start of the file
+    except UnicodeDecodeError as exc:
+        head = raw[: exc.start]
+        line = head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1  # as csv's line_num counts
+        return f"line {line}: byte {raw[exc.start]:#04x} at offset {exc.start} is not UTF-8 ({exc.reason})"
+    return "is not UTF-8"  # only if the file changed since it was read
+
+
+def _without_bom(lines):
+    """The lines with a byte-order mark at the very start dropped: what the utf-8-sig codec does, except that
+    utf-8-sig silently swallows a file of just b"\\xef" or b"\\xef\\xbb" instead of failing on the truncated BOM."""
+    for number, line in enumerate(lines):
+        yield line[1:] if number == 0 and line.startswith("\ufeff") else line
+
+
 def _read_tsv(spec: GlueTask, split: str, path: Path) -> GlueSplit:
     if not path.is_file():
         raise FileNotFoundError(
@@ -163,36 +190,53 @@ def _read_tsv(spec: GlueTask, split: str, path: Path) -> GlueSplit:
         )
     texts: list[list[str]] = [[] for _ in spec.text_columns]
     labels: list[Any] = []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if spec.has_header:
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path} is empty: the {split} split of {spec.name} has no header and no rows")
-            wanted = (*spec.text_columns, spec.label_column)
-            missing = [name for name in wanted if name not in header]
-            if missing:
-                hint = " (is the file tab-separated?)" if len(header) == 1 else ""
-                raise ValueError(f"{path}: column(s) {missing} missing from the header {header}{hint}")
-            text_idx = [header.index(name) for name in spec.text_columns]
-            label_idx = header.index(spec.label_column)
-        else:
-            text_idx = list(spec.text_columns)
-            label_idx = spec.label_column
-        needed = max(*text_idx, label_idx) + 1
-        for row in reader:
-            line = reader.line_num
-            if not row or row == [""]:
-                continue  # a trailing blank line is not an example
-            where = f"{path} line {line}"
-            if len(row) < needed:
-                raise ValueError(
-                    f"{where} has {len(row)} tab-separated column(s), expected at least {needed} "
-                    "(is the file tab-separated?)"
-                )
-            labels.append(_parse_label(spec, row[label_idx], where))
-            for column, idx in zip(texts, text_idx):
-                column.append(row[idx])
+    reader = None
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(_without_bom(handle), delimiter="\t", quoting=csv.QUOTE_NONE)
+            if spec.has_header:
+                header = next(reader, None)
+                if header is None:
+                    raise ValueError(f"{path} is empty: the {split} split of {spec.name} has no header and no rows")
+                wanted = (*spec.text_columns, spec.label_column)
+                missing = [name for name in wanted if name not in header]
+                if missing:
+                    hint = " (is the file tab-separated?)" if len(header) == 1 else ""
+                    raise ValueError(f"{path} line 1: column(s) {missing} missing from the header {header}{hint}")
+                repeated = [name for name in wanted if header.count(name) > 1]
+                if repeated:
+                    raise ValueError(f"{path} line 1: column(s) {repeated} appear more than once in the header "
+                                     f"{header}")
+                text_idx = [header.index(name) for name in spec.text_columns]
+                label_idx = header.index(spec.label_column)
+                columns, columns_of = len(header), f"the header on line 1 has {len(header)}"
+            else:
+                text_idx = list(spec.text_columns)
+                label_idx = spec.label_column
+                columns, columns_of = spec.num_columns, f"{spec.name} files have {spec.num_columns}"
+            needed = max(*text_idx, label_idx) + 1
+            for row in reader:
+                line = reader.line_num
+                if not row or row == [""]:
+                    continue  # a trailing blank line is not an example
+                where = f"{path} line {line}"
+                if len(row) < needed:
+                    raise ValueError(
+                        f"{where} has {len(row)} tab-separated column(s), expected at least {needed} "
+                        "(is the file tab-separated?)"
+                    )
+                if columns is not None and len(row) != columns:
+                    # Without quoting, a tab inside a field (or a missing field) shifts every later column.
+                    raise ValueError(f"{where} has {len(row)} tab-separated columns but {columns_of} (a tab inside a "
+                                     "field, or a missing field?)")
+                labels.append(_parse_label(spec, row[label_idx], where))
+                for column, idx in zip(texts, text_idx):
+                    column.append(row[idx])
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} {_undecodable(path)}: GLUE TSVs are UTF-8 text") from None
+    except csv.Error as exc:  # with QUOTE_NONE: a field longer than csv.field_size_limit()
+        line = reader.line_num if reader is not None else 0
+        raise ValueError(f"{path} line {line}: {exc}, see csv.field_size_limit() (is this a GLUE TSV?)") from None
     if not labels:
         raise ValueError(f"{path}: the {split} split of {spec.name} has no rows")
     return GlueSplit(spec, split, texts[0], texts[1] if spec.is_pair else None, labels, str(path))

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lrsparse.io import LAYERS_FILE, load_compressed
-from lrsparse.layers import LowRankLinear, MixedRankLinear, _replace_module
+from lrsparse.layers import LowRankLinear, MixedRankLinear, replace_module
+from lrsparse.records import records_of
 
 FORMATS = ("pytorch", "torchscript", "onnx")
 MODELING_FILE = "modeling_lrsparse.py"
@@ -93,21 +94,15 @@ def to_plain_pytorch(model: nn.Module, inplace: bool = False) -> nn.Module:
                          "lrsparse.layers.finalize_low_rank(model) before exporting")
     plain = model if inplace else copy.deepcopy(model)
     for name, module in [(n, m) for n, m in plain.named_modules() if isinstance(m, LowRankLinear)]:
-        _replace_module(plain, name, _two_linear(module))
+        replace_module(plain, name, _two_linear(module))
     return plain
 
 
-def low_rank_layers(plain: nn.Module) -> list[dict]:
-    """Manifest entries of the two-linear layers of a plain tree (the pytorch export's ``config`` field)."""
-    layers = []
-    for name, module in plain.named_modules():
-        if (type(module) is nn.Sequential and len(module) == 2
-                and all(type(m) is nn.Linear for m in module) and module[0].bias is None
-                and module[0].out_features == module[1].in_features):
-            layers.append({"name": name, "in_features": module[0].in_features,
-                           "out_features": module[1].out_features, "rank": module[0].out_features,
-                           "bias": module[1].bias is not None})
-    return layers
+def low_rank_layers(model: nn.Module) -> list[dict]:
+    """The pytorch export's ``config`` field: the shape fields of the model's layer records (see
+    :func:`lrsparse.records.records_of`), all the generated modeling file needs to rebuild its two-linear layers."""
+    return [{key: getattr(record, key) for key in ("name", "in_features", "out_features", "rank", "bias")}
+            for record in records_of(model)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,8 +251,8 @@ def export_pytorch(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     base = type(model).__name__
     if getattr(transformers, base, None) is not type(model):
         raise TypeError(f"model must be an instance of a transformers model class, got {base}")
+    layers = low_rank_layers(model)
     plain = to_plain_pytorch(model)
-    layers = low_rank_layers(plain)
     cls = f"LowRank{base}"
     auto = _auto_classes(model)
     plain.config = plain.config.__class__.from_dict(plain.config.to_dict())

@@ -39,7 +39,6 @@ Weighting defaults (``pruned_weight`` 0.5, ``kept_floor`` 0.5, ``quantile`` 0.9)
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Iterable, Mapping
 
@@ -47,12 +46,12 @@ import torch
 from torch import Tensor, nn
 
 from lrsparse import ops
-from lrsparse.layers import MixedRankLinear, _replace_module
-from lrsparse.pruning import FirstOrderPruner, resolve_targets
+from lrsparse.layers import MixedRankLinear, replace_module
+from lrsparse.pruning import resolve_targets
+from lrsparse.records import LayerRecord
+from lrsparse.registry import (FACTORIZERS, RANK_ALLOCATORS, LayerStatistics, register_factorizer,
+                               register_rank_allocator)
 from lrsparse.targets import is_conv1d, is_target_layer, out_in_weight
-
-METHODS = ("sparsity-aware", "svd", "fwsvd")
-ALLOCATIONS = ("budget", "uniform", "energy")
 
 # Defaults of the omega weighting; see sparsity_aware_omega for how they were chosen.
 DEFAULT_PRUNED_WEIGHT = 0.5
@@ -80,19 +79,15 @@ def allocate_ranks(
     multiple: int = 1,
     spectra: Mapping[str, Tensor] | None = None,
 ) -> dict[str, int]:
-    """Rank of each matrix ``name -> (m, n, nnz)`` so that the factors (``r (m + n)`` parameters) fit the budget.
-
-    - "budget": ``r_i = floor(nnz_i / (m_i + n_i))``: each layer gets the parameters its pruned matrix kept.
-    - "uniform": ``r_i = floor(keep m_i n_i / (m_i + n_i))``: the same fraction of every layer.
-    - "energy": greedy over all layers on the retained energy (squared singular values in ``spectra``, e.g. of the
-      weighted matrices) per parameter, under the total budget ``keep * sum(m_i n_i)``.
+    """Rank of each matrix ``name -> (m, n, nnz)`` so that the factors (``r (m + n)`` parameters) fit the budget,
+    by the registered rank allocator ``scheme`` (built in: "budget", "uniform", "energy", see below).
 
     Ranks are rounded down to a multiple of ``multiple`` (when at least one multiple fits), capped at
     ``min(m, n)``, and at least 1 (the only case where a budget can be exceeded: one smaller than ``m + n``).
     """
     _check_keep(keep)
-    if scheme not in ALLOCATIONS:
-        raise ValueError(f"scheme must be one of {ALLOCATIONS}, got {scheme!r}")
+    if scheme not in RANK_ALLOCATORS:
+        raise ValueError(f"scheme must be one of {sorted(RANK_ALLOCATORS)}, got {scheme!r}")
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
     if not shapes_nnz:
@@ -100,17 +95,31 @@ def allocate_ranks(
     for name, entry in shapes_nnz.items():
         if len(entry) != 3 or not all(isinstance(v, int) and v >= 0 for v in entry) or min(entry[:2]) < 1:
             raise ValueError(f"shapes_nnz[{name!r}] must be (m, n, nnz) of non-negative ints, got {entry!r}")
+    allocator = RANK_ALLOCATORS[scheme]
+    if allocator.needs_spectra and (spectra is None or set(spectra) != set(shapes_nnz)):
+        raise ValueError(f"spectra must give the singular values of every matrix for scheme {scheme!r}")
+    return allocator.fn(shapes_nnz, keep, multiple, spectra if allocator.needs_spectra else None)
+
+
+@register_rank_allocator("budget")
+def _budget_ranks(shapes_nnz, keep, multiple, spectra) -> dict[str, int]:
+    """``r_i = floor(nnz_i / (m_i + n_i))``: each layer gets the parameters its pruned matrix kept."""
+    return {name: _round_rank(nnz // (m + n), multiple, min(m, n)) for name, (m, n, nnz) in shapes_nnz.items()}
+
+
+@register_rank_allocator("uniform")
+def _uniform_ranks(shapes_nnz, keep, multiple, spectra) -> dict[str, int]:
+    """``r_i = floor(keep m_i n_i / (m_i + n_i))``: the same fraction of every layer."""
     exact_keep = Fraction(keep)  # exact arithmetic: a float floor could land one rank over the budget
-    if scheme == "budget":
-        return {name: _round_rank(nnz // (m + n), multiple, min(m, n)) for name, (m, n, nnz) in shapes_nnz.items()}
-    if scheme == "uniform":
-        return {
-            name: _round_rank(int(exact_keep * m * n // (m + n)), multiple, min(m, n))
-            for name, (m, n, _) in shapes_nnz.items()
-        }
-    if spectra is None or set(spectra) != set(shapes_nnz):
-        raise ValueError("spectra must give the singular values of every matrix for scheme 'energy'")
-    budget = exact_keep * sum(m * n for m, n, _ in shapes_nnz.values())
+    return {name: _round_rank(int(exact_keep * m * n // (m + n)), multiple, min(m, n))
+            for name, (m, n, _) in shapes_nnz.items()}
+
+
+@register_rank_allocator("energy", needs_spectra=True)
+def _energy_ranks(shapes_nnz, keep, multiple, spectra) -> dict[str, int]:
+    """Greedy over all layers on the retained energy (squared singular values of the matrices each factorizer
+    truncates) per parameter, under the total budget ``keep * sum(m_i n_i)``."""
+    budget = Fraction(keep) * sum(m * n for m, n, _ in shapes_nnz.values())
     return _allocate_by_energy(shapes_nnz, spectra, budget, multiple)
 
 
@@ -212,6 +221,47 @@ def fisher_row_scale(fisher_rows: Tensor, out_features: int) -> Tensor:
     return scale.clamp_min(float(scale.max()) * 1e-6).float()
 
 
+# ---------------------------------------------------------------------------------------------------- factorizers
+# Each takes a float32 out x in weight and returns float32 factors; registered names are LPAFConfig.factorizer values.
+@register_factorizer("svd")
+def truncated_svd(weight: Tensor, rank: int, stats: LayerStatistics, *, max_iters: int, tol: float,
+                  seed: int) -> tuple[Tensor, Tensor]:
+    """Truncated SVD of the weight (the pruned weight when there is a mask): the best rank-r Frobenius fit."""
+    return ops.weighted_lowrank(weight, rank, None, max_iters=max_iters, tol=tol, seed=seed)
+
+
+def _fisher_scaled(weight: Tensor, stats: LayerStatistics) -> Tensor:
+    if stats.fisher is None:
+        raise ValueError("fisher_rows is required for method 'fwsvd' (the Fisher information of the weight)")
+    return fisher_row_scale(stats.fisher, weight.shape[0]).to(weight.device)[:, None] * weight
+
+
+@register_factorizer("fwsvd", needs=("fisher",), spectrum_matrix=lambda weight, stats: _fisher_scaled(weight, stats))
+def fisher_weighted_svd(weight: Tensor, rank: int, stats: LayerStatistics, *, max_iters: int, tol: float,
+                        seed: int) -> tuple[Tensor, Tensor]:
+    """Fisher-weighted SVD (Hsu et al. 2022): ``diag(1/s) trunc_r(diag(s) W)`` with ``s_i = sqrt(sum_j F_ij)``."""
+    scale = fisher_row_scale(stats.fisher, weight.shape[0]).to(weight.device) if stats.fisher is not None else None
+    U, V = ops.weighted_lowrank(_fisher_scaled(weight, stats).contiguous(), rank, None, max_iters=max_iters, tol=tol,
+                                seed=seed)
+    return U / scale[:, None], V
+
+
+_OMEGA_OPTIONS = {"pruned_weight": "omega_pruned_weight", "kept_floor": "omega_kept_floor",
+                  "quantile": "omega_quantile"}
+
+
+@register_factorizer("sparsity-aware", needs=("importance",), options=_OMEGA_OPTIONS,
+                     spectrum_matrix=lambda weight, stats, **omega: sparsity_aware_omega(
+                         weight, stats.mask, stats.importance, **omega).sqrt() * weight)
+def sparsity_aware_svd(weight: Tensor, rank: int, stats: LayerStatistics, *, max_iters: int, tol: float, seed: int,
+                       pruned_weight: float = DEFAULT_PRUNED_WEIGHT, kept_floor: float = DEFAULT_KEPT_FLOOR,
+                       quantile: float = DEFAULT_QUANTILE) -> tuple[Tensor, Tensor]:
+    """Weighted low-rank fit ``min sum omega (W - U V)^2`` with :func:`sparsity_aware_omega` (EM)."""
+    omega = sparsity_aware_omega(weight, stats.mask, stats.importance, pruned_weight=pruned_weight,
+                                 kept_floor=kept_floor, quantile=quantile)
+    return ops.weighted_lowrank(weight, rank, omega, max_iters=max_iters, tol=tol, seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------------- one matrix
 def factorize_matrix(
     weight: Tensor,
@@ -224,35 +274,29 @@ def factorize_matrix(
     max_iters: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
-    **omega_options,
+    **options,
 ) -> tuple[Tensor, Tensor]:
-    """Rank-``rank`` factors ``U (m x r)``, ``V (r x n)`` of ``weight`` (in its dtype) by ``method``.
+    """Rank-``rank`` factors ``U (m x r)``, ``V (r x n)`` of ``weight`` (in its dtype) by the registered
+    factorizer ``method``; ``options`` are its own keyword options (e.g. the omega weighting of "sparsity-aware").
 
-    ``mask``/``importance`` feed the sparsity-aware omega (``omega_options``: see :func:`sparsity_aware_omega`);
-    ``fisher_rows`` is required by "fwsvd". ``max_iters``/``tol``/``seed`` go to ops.weighted_lowrank's EM.
+    ``mask``/``importance`` feed the sparsity-aware omega; ``fisher_rows`` is required by "fwsvd".
+    ``max_iters``/``tol``/``seed`` go to ops.weighted_lowrank's EM.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in FACTORIZERS:
+        raise ValueError(f"method must be one of {sorted(FACTORIZERS)}, got {method!r}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     m, n = weight.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be an int in [1, {min(m, n)}], got {rank!r}")
-    if omega_options and method != "sparsity-aware":
-        raise TypeError(f"omega options {sorted(omega_options)} only apply to method 'sparsity-aware'")
+    factorizer = FACTORIZERS[method]
+    unknown = sorted(set(options) - set(factorizer.options))
+    if unknown:
+        raise TypeError(f"options {unknown} do not apply to method {method!r} (its options: "
+                        f"{sorted(factorizer.options) or 'none'})")
     work = weight.detach().float().contiguous()
-    solver = {"max_iters": max_iters, "tol": tol, "seed": seed}
-    if method == "svd":
-        U, V = ops.weighted_lowrank(work, rank, None, **solver)
-    elif method == "fwsvd":
-        if fisher_rows is None:
-            raise ValueError("fisher_rows is required for method 'fwsvd' (the Fisher information of the weight)")
-        scale = fisher_row_scale(fisher_rows, m).to(work.device)
-        U, V = ops.weighted_lowrank((scale[:, None] * work).contiguous(), rank, None, **solver)
-        U = U / scale[:, None]
-    else:
-        omega = sparsity_aware_omega(work, mask, importance, **omega_options)
-        U, V = ops.weighted_lowrank(work, rank, omega, **solver)
+    stats = LayerStatistics(mask, importance, fisher_rows)
+    U, V = factorizer.fn(work, rank, stats, max_iters=max_iters, tol=tol, seed=seed, **options)
     return U.to(weight.dtype).contiguous(), V.to(weight.dtype).contiguous()
 
 
@@ -277,13 +321,12 @@ def singular_values(matrix: Tensor) -> Tensor:
     return torch.cat([values, values.new_zeros(full - values.numel())])
 
 
-def _spectrum(weight: Tensor, method: str, mask, importance, fisher_rows, omega_options) -> Tensor:
+def _spectrum(weight: Tensor, method: str, stats: LayerStatistics, options: Mapping) -> Tensor:
     """Singular values of the matrix each method actually truncates (energy allocation compares these)."""
+    factorizer = FACTORIZERS[method]
     work = weight.detach().float()
-    if method == "fwsvd":
-        work = fisher_row_scale(fisher_rows, work.shape[0]).to(work.device)[:, None] * work
-    elif method == "sparsity-aware":
-        work = sparsity_aware_omega(work, mask, importance, **omega_options).sqrt() * work
+    if factorizer.spectrum_matrix is not None:
+        work = factorizer.spectrum_matrix(work, stats, **options)
     return singular_values(work)
 
 
@@ -328,67 +371,53 @@ class FactorizationError(RuntimeError):
         self.saved_to = str(path)
 
 
-@dataclass
-class LayerReport:
-    name: str
-    in_features: int
-    out_features: int
-    density: float
-    rank: int
-    method: str
-    relative_error: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __getitem__(self, key: str):
-        # Readable as a mapping too (report["rank"]), as report.json consumers expect.
-        return getattr(self, key)
-
-
 def factorize_model(
     model: nn.Module,
     keep: float,
     method: str = "sparsity-aware",
     allocation: str = "budget",
     rank_multiple: int = 1,
-    pruner: FirstOrderPruner | None = None,
+    pruner=None,
     targets: Mapping[str, nn.Module] | Iterable[str] | None = None,
     masks: Mapping[str, Tensor] | None = None,
-    omega_options: Mapping | None = None,
+    options: Mapping | None = None,
     solver_options: Mapping | None = None,
-) -> list[LayerReport]:
-    """Replaces each target nn.Linear (or GPT-2 Conv1D) by a MixedRankLinear holding its rank-r factorization.
+    min_rank: int = 1,
+) -> list[LayerRecord]:
+    """Replaces each target nn.Linear (or GPT-2 Conv1D) by a MixedRankLinear holding its rank-r factorization by
+    the registered factorizer ``method``; returns one :class:`~lrsparse.records.LayerRecord` per layer.
 
     The sparse path is the layer's own weight Parameter (pruned in place by ``pruner``, or by
     :func:`lrsparse.pruning.magnitude_prune` whose ``masks`` are passed) with its mask, or the dense weight and no
     mask when neither is given. Ranks come from :func:`allocate_ranks` with ``nnz`` = kept entries (pruned) or
-    ``keep * m * n`` (dense). "sparsity-aware" takes importance from ``pruner.scores``; "fwsvd" needs a pruner with
-    ``track_fisher=True`` (a pruner with final_density=1 collects Fisher information without pruning).
-    Create the optimizer for mixed-rank fine-tuning after this call. A Conv1D target (weight stored ``in x out``;
-    its mask and statistics in that layout) gets a MixedRankLinear in the ``out x in`` orientation: its sparse path
-    is a new Parameter holding the transposed weight, so the Conv1D weight Parameter itself is not reused.
+    ``keep * m * n`` (dense), then at least ``min_rank``. The statistics a factorizer ``needs`` come from
+    ``pruner``: importance from ``pruner.scores``, Fisher from ``pruner.fisher`` (a pruner with final_density=1
+    collects them without pruning). ``options`` are the factorizer's own options, ``solver_options``
+    max_iters/tol/seed of the weighted fit. Create the optimizer for mixed-rank fine-tuning after this call.
+    A Conv1D target (weight stored ``in x out``; its mask and statistics in that layout) gets a MixedRankLinear in
+    the ``out x in`` orientation: its sparse path is a new Parameter holding the transposed weight.
     """
     _check_keep(keep)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if method not in FACTORIZERS:
+        raise ValueError(f"method must be one of {sorted(FACTORIZERS)}, got {method!r}")
+    if allocation not in RANK_ALLOCATORS:
+        raise ValueError(f"allocation must be one of {sorted(RANK_ALLOCATORS)}, got {allocation!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be a positive int, got {min_rank!r}")
     if pruner is not None and masks is not None:
         raise ValueError("pass either pruner or masks, not both")
     if pruner is not None:
         resolved = dict(pruner.targets) if targets is None else resolve_targets(model, targets)
-        # A pruner that pruned nothing (final_density 1, kept only to collect Fisher information for fwsvd) gives
+        # A pruner that pruned nothing (final_density 1, kept only to collect statistics for the factorizer) gives
         # statistics, not masks: the ranks must then come from the keep budget, not from its all-ones masks.
-        masks = pruner.masks if pruner.live_count() < pruner.total_params else None
+        masks = pruner.masks if pruner.density() < 1.0 else None
     else:
         resolved = resolve_targets(model, targets)
-    if method == "fwsvd" and (pruner is None or not pruner.track_fisher):
-        raise ValueError("method 'fwsvd' needs Fisher information: pass a pruner created with track_fisher=True")
-    omega_options = dict(omega_options or {})
+    factorizer = FACTORIZERS[method]
+    if "fisher" in factorizer.needs and not getattr(pruner, "track_fisher", False):
+        raise ValueError(f"method {method!r} needs Fisher information: pass a pruner created with track_fisher=True")
+    options = dict(options or {})
     solver_options = dict(solver_options or {})
-    if omega_options and method != "sparsity-aware":
-        raise ValueError(f"omega_options only apply to method 'sparsity-aware', got method {method!r}")
 
     layer_masks = {}
     shapes_nnz = {}
@@ -404,44 +433,44 @@ def factorize_model(
         nnz = int(layer_masks[name].sum()) if masks is not None else int(Fraction(keep) * m * n)
         shapes_nnz[name] = (m, n, nnz)
 
-    def statistics(name: str) -> dict:
+    def statistics(name: str) -> LayerStatistics:
         # Computed per layer when needed: holding every layer's scores at once would double the model's memory.
         module = resolved[name]
-        importance = pruner.scores(name) if (pruner is not None and method == "sparsity-aware") else None
-        fisher = pruner.fisher(name) if method == "fwsvd" else None
+        importance = pruner.scores(name) if (pruner is not None and "importance" in factorizer.needs
+                                             and hasattr(pruner, "scores")) else None
+        fisher = pruner.fisher(name) if "fisher" in factorizer.needs else None
         # out_in_weight(module, None) is the weight itself: absent statistics must stay None.
-        return {
-            "mask": layer_masks[name],
-            "importance": None if importance is None else out_in_weight(module, importance),
-            "fisher_rows": None if fisher is None else out_in_weight(module, fisher),
-        }
+        return LayerStatistics(layer_masks[name], None if importance is None else out_in_weight(module, importance),
+                               None if fisher is None else out_in_weight(module, fisher))
 
     spectra = None
-    if allocation == "energy":
-        spectra = {
-            name: _spectrum(out_in_weight(resolved[name]), method, **statistics(name), omega_options=omega_options)
-            for name in resolved
-        }
+    if RANK_ALLOCATORS[allocation].needs_spectra:
+        spectra = {name: _spectrum(out_in_weight(resolved[name]), method, statistics(name), options)
+                   for name in resolved}
     ranks = allocate_ranks(shapes_nnz, keep, allocation, rank_multiple, spectra)
+    ranks = {name: max(rank, min(min_rank, min(shapes_nnz[name][:2]))) for name, rank in ranks.items()}
 
-    reports = []
+    records = []
     for name, module in resolved.items():
         weight, mask = out_in_weight(module), layer_masks[name]
-        layer_statistics = statistics(name)
+        stats = statistics(name)
         try:
-            U, V = factorize_matrix(weight, ranks[name], method, **layer_statistics, **solver_options,
-                                    **omega_options)
+            U, V = factorize_matrix(weight, ranks[name], method, stats.mask, stats.importance, stats.fisher,
+                                    **solver_options, **options)
         except Exception as error:
-            arguments = {"rank": ranks[name], "method": method, **solver_options, **omega_options}
-            raise FactorizationError(name, arguments, {"weight": weight, **layer_statistics}, error) from error
+            arguments = {"rank": ranks[name], "method": method, **solver_options, **options}
+            inputs = {"weight": weight, "mask": stats.mask, "importance": stats.importance, "fisher": stats.fisher}
+            raise FactorizationError(name, arguments, inputs, error) from error
         relative_error = _relative_error(weight, U, V)
         if is_conv1d(module):
             weight = nn.Parameter(weight.detach().contiguous(), requires_grad=module.weight.requires_grad)
         sparse_mask = None if mask is None else mask.contiguous().clone()
         mixed = MixedRankLinear(U, V, module.bias, weight, sparse_mask, method=method)
         mixed.train(module.training)
-        _replace_module(model, name, mixed)
+        replace_module(model, name, mixed)
         m, n, nnz = shapes_nnz[name]
         density = nnz / (m * n) if mask is not None else 1.0
-        reports.append(LayerReport(name, n, m, density, ranks[name], method, relative_error))
-    return reports
+        records.append(LayerRecord(name, n, m, ranks[name], bias=module.bias is not None, kind="mixed",
+                                   masked=mask is not None, density=density, factorizer=method,
+                                   relative_error=relative_error))
+    return records

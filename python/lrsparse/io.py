@@ -1,11 +1,14 @@
-"""Saving and loading compressed models: a transformers config, one safetensors file and a layer manifest.
+"""Saving and loading compressed models: a transformers config, one safetensors file and a manifest.
 
 The safetensors file holds the low-rank factors of compressed layers (never a dense copy) and every other weight of
-the model as is; ``lrsparse_layers.json`` says which modules are LowRankLinear and of what rank, so that the model
-can be rebuilt from its config before the weights are loaded strictly.
+the model as is. ``lrsparse_layers.json`` (like peft's ``adapter_config.json``) holds the method's
+:class:`~lrsparse.config.LPAFConfig` and one :class:`~lrsparse.records.LayerRecord` per compressed layer, so that
+the model can be rebuilt from its config before the weights are loaded strictly. Manifests of format 1 (lrsparse
+0.1: layers without kind, factorizer named "method", no config) are read and migrated.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +20,13 @@ import torch
 from torch import nn
 
 from lrsparse.distributed import is_main_process
-from lrsparse.layers import LowRankLinear, MixedRankLinear, _replace_module
-from lrsparse.targets import is_target_layer, linear_shape
+from lrsparse.layers import LowRankLinear, MixedRankLinear
+from lrsparse.records import LayerRecord, rebuild_layers, records_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 LAYERS_FILE = "lrsparse_layers.json"
 WEIGHTS_FILE = "model.safetensors"
-_LAYER_FIELDS = {"name": str, "in_features": int, "out_features": int, "rank": int, "bias": bool}
 
 
 def _fsync_file(path: Path) -> None:
@@ -55,22 +58,35 @@ def _shared_storage_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def compressed_layers(model: nn.Module) -> list[dict[str, Any]]:
-    """Manifest entries of the LowRankLinear modules of ``model``."""
-    return [
-        {
-            "name": name, "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-            "bias": m.bias is not None, "method": m.method,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, LowRankLinear)
-    ]
+def _checked_records(model: nn.Module, records) -> list[LayerRecord]:
+    """``records`` (default: those of the model's low-rank modules) checked against the model's modules."""
+    present = {r.name: r for r in records_of(model)}
+    if records is None:
+        return list(present.values())
+    records = list(records)
+    for record in records:
+        if not isinstance(record, LayerRecord):
+            raise TypeError(f"records must be LayerRecord objects, got {type(record).__name__}")
+        if record.kind == "sparse":
+            continue
+        found = present.get(record.name)
+        if found is None or found.rank != record.rank or found.kind != "low-rank":
+            raise ValueError(f"record of layer {record.name!r} (rank {record.rank}) does not match the model's "
+                             f"{'missing layer' if found is None else found}")
+    missing = sorted(set(present) - {r.name for r in records})
+    if missing:
+        raise ValueError(f"records do not describe the model's low-rank layers {missing}")
+    return [dataclasses.replace(r, kind="low-rank", masked=False) if r.kind == "mixed" else r for r in records]
 
 
 def save_compressed(
-    model: nn.Module, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None
+    model: nn.Module, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None, config=None,
+    records=None,
 ) -> int:
     """Writes config, tokenizer (optional), ``model.safetensors`` and ``lrsparse_layers.json`` into ``directory``.
+
+    ``config`` (the :class:`~lrsparse.config.LPAFConfig` used) and ``records`` (the Compressor's records; default:
+    records of the model's low-rank layers) form the manifest with ``extra`` (any JSON-serializable dict).
 
     Every file is written to a staging folder, fsynced, then renamed into place (the manifest last, so a directory
     with a manifest is complete). Returns the total bytes written. In a multi-process (DDP) run only rank 0 writes;
@@ -83,8 +99,8 @@ def save_compressed(
             "model still has MixedRankLinear layers (a sparse path): finish mixed-rank fine-tuning or call "
             "lrsparse.layers.finalize_low_rank(model) before saving"
         )
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model_config, "save_pretrained"):
         raise TypeError(f"model must be a transformers PreTrainedModel with a config, got {type(model).__name__}")
     if extra is not None:
         try:
@@ -92,6 +108,11 @@ def save_compressed(
         except TypeError as exc:
             raise TypeError(f"extra must be JSON-serializable: {exc}") from exc
 
+    records = _checked_records(model, records)
+    from lrsparse.config import LPAFConfig
+
+    if config is not None and not isinstance(config, LPAFConfig):
+        raise TypeError(f"config must be an LPAFConfig, got {type(config).__name__}")
     if not is_main_process():
         return 0
     state = model.state_dict()
@@ -100,7 +121,8 @@ def save_compressed(
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
-        "layers": compressed_layers(model),
+        "lpaf_config": None if config is None else config.to_dict(),
+        "layers": [record.to_dict() for record in records],
         "tied_weights": aliases,
         "extra": extra or {},
     }
@@ -109,9 +131,9 @@ def save_compressed(
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lrsparse-save-", dir=directory))
     try:
-        config = config.__class__.from_dict(config.to_dict())
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(staging)
+        model_config = model_config.__class__.from_dict(model_config.to_dict())
+        model_config.architectures = [type(model).__name__]
+        model_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "lrsparse_format": str(FORMAT_VERSION)})
@@ -131,27 +153,54 @@ def save_compressed(
     return total
 
 
+def _migrate_layer(layer):
+    """A format-1 layer entry as a format-2 record dict (kind low-rank; "method" is now "factorizer")."""
+    if not isinstance(layer, dict):
+        return layer
+    migrated = {k: v for k, v in layer.items() if k != "method"}
+    migrated.setdefault("kind", "low-rank")
+    migrated.setdefault("factorizer", layer.get("method"))
+    return migrated
+
+
 def _read_manifest(path: Path) -> dict:
+    """The manifest with ``records`` (LayerRecord objects) and ``config`` (LPAFConfig or None), checked field by
+    field: a ValueError names the file and the first bad field."""
+    from lrsparse.config import LPAFConfig
+
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: directory is not a model saved by lrsparse.save_compressed")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is corrupted (invalid JSON: {exc})") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
         raise ValueError(f"{path} is corrupted: expected an object with a 'layers' list")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {manifest.get('format_version')!r}; this lrsparse reads {FORMAT_VERSION}"
-        )
-    for i, layer in enumerate(manifest["layers"]):
-        for field, kind in _LAYER_FIELDS.items():
-            value = layer.get(field) if isinstance(layer, dict) else None
-            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
-                raise ValueError(f"{path} is corrupted: layers[{i}].{field} must be a {kind.__name__}, got {value!r}")
-    if not isinstance(manifest.get("tied_weights", {}), dict):
-        raise ValueError(f"{path} is corrupted: tied_weights must be an object")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has format_version {version!r}; this lrsparse reads {list(READABLE_VERSIONS)} "
+                         "(re-save the model with the lrsparse that wrote it, or a newer one)")
+    layers = manifest["layers"] if version == 2 else [_migrate_layer(layer) for layer in manifest["layers"]]
+    manifest["records"] = [LayerRecord.from_dict(layer, f"{path} is corrupted: layers[{i}]")
+                           for i, layer in enumerate(layers)]
+    names = [r.name for r in manifest["records"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path} is corrupted: layers name a module twice")
+    raw_config = manifest.get("lpaf_config")
+    try:
+        manifest["config"] = None if raw_config is None else LPAFConfig.from_dict(raw_config)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is corrupted: lpaf_config: {exc}") from exc
+    tied = manifest.get("tied_weights", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise ValueError(f"{path} is corrupted: tied_weights must be an object of name -> name")
     return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest a :func:`save_compressed` folder holds: ``config`` (its LPAFConfig, None for models saved
+    without one), ``records`` (its LayerRecords), ``extra``."""
+    return _read_manifest(Path(directory) / LAYERS_FILE)
 
 
 def saved_extra(directory: str | os.PathLike) -> dict:
@@ -190,21 +239,7 @@ def load_compressed(directory: str | os.PathLike, model_class=None) -> nn.Module
     config = AutoConfig.from_pretrained(directory)
     model = _model_class(config, model_class)(config)
 
-    for layer in manifest["layers"]:
-        name = layer["name"]
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"{LAYERS_FILE} names layer {name!r}, which the model has not") from exc
-        # The freshly built model has the original layer there: an nn.Linear, or a Conv1D for GPT-2.
-        if not is_target_layer(old) or linear_shape(old) != (layer["in_features"], layer["out_features"]):
-            raise ValueError(
-                f"{LAYERS_FILE} layer {name!r} ({layer['in_features']} -> {layer['out_features']}) does not match "
-                f"the model's {old}"
-            )
-        new = LowRankLinear(layer["in_features"], layer["out_features"], layer["rank"], bias=layer["bias"],
-                            dtype=old.weight.dtype, device="meta", method=layer.get("method"))
-        _replace_module(model, name, new)
+    rebuild_layers(model, manifest["records"], device="meta", where=str(directory / LAYERS_FILE))
 
     try:
         tensors = load_file(weights_path)

@@ -167,7 +167,8 @@ class MixedRankLinear(nn.Module):
                 f"alpha={self.alpha:.3f}, strategy={self.strategy}, masked={self.sparse_mask is not None}")
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` at the dotted path ``name`` of ``model`` (e.g. "encoder.layer.0.attention.self.query")."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -182,7 +183,7 @@ def finalize_low_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     mixed = [(name, m) for name, m in model.named_modules() if isinstance(m, MixedRankLinear)]
     dropped = []
     for name, module in mixed:
-        _replace_module(model, name, module.to_low_rank())
+        replace_module(model, name, module.to_low_rank())
         dropped.append(module.sparse_weight)
     if optimizer is not None and dropped:
         _remove_from_optimizer(optimizer, dropped)

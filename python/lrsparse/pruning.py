@@ -1,4 +1,4 @@
-"""First-order (PLATON) pruning during fine-tuning, and the magnitude baseline.
+"""First-order (PLATON) pruning during fine-tuning, and the magnitude baseline (both registered pruners).
 
 PLATON (Zhang et al. 2022) scores each weight by an exponential moving average of its sensitivity ``|w * g|``
 times an EMA of that sensitivity's deviation (its uncertainty), and prunes on ONE threshold shared by all target
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lrsparse import ops
 from lrsparse.distributed import check_same_across_ranks
+from lrsparse.registry import register_pruner
 from lrsparse.targets import find_targets
 
 CRITERIA = ("sensitivity", "movement")
@@ -326,3 +327,67 @@ def magnitude_prune(
     threshold, ties = ops.global_topk_threshold(magnitudes, None, None, _global_k(density, total))
     ops.apply_threshold_mask_(masks, weights, magnitudes, None, threshold, ties)
     return dict(zip(names, masks))
+
+
+class MagnitudePruningSchedule:
+    """Global magnitude pruning during fine-tuning, on the cubic density schedule of :class:`FirstOrderPruner`.
+
+    Call ``step()`` after each optimizer step: on mask steps the smallest ``|w|`` of all targets are pruned (pruned
+    entries stay pruned), and after every step pruned weights are reset to zero.
+    """
+
+    def __init__(self, model: nn.Module, final_density: float, total_steps: int, targets: dict[str, nn.Module],
+                 initial_warmup_fraction: float, final_warmup_fraction: float, delta_t: int):
+        self.model = model
+        self.final_density = final_density
+        self.total_steps = total_steps
+        self.targets = targets
+        self.initial_warmup = round(initial_warmup_fraction * total_steps)
+        self.final_warmup = round(final_warmup_fraction * total_steps)
+        self.delta_t = delta_t
+        self.step_count = 0
+        self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in targets.items()}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        self.apply_masks()
+        if is_mask_step(self.step_count, self.total_steps, self.initial_warmup, self.final_warmup, self.delta_t):
+            density = cubic_density(self.step_count, self.final_density, self.total_steps, self.initial_warmup,
+                                    self.final_warmup)
+            new = magnitude_prune(self.model, density, self.targets)
+            self.masks = {name: self.masks[name] & new[name] for name in self.masks}
+            self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, module in self.targets.items():
+            module.weight.masked_fill_(self.masks[name].logical_not(), 0)
+
+    def density(self) -> float:
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "masks": {k: v.cpu() for k, v in self.masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        device = next(iter(self.targets.values())).weight.device
+        self.masks = {k: v.to(device) for k, v in state["masks"].items()}
+
+
+# ---------------------------------------------------------------------------------------------------- registered
+# Pruners of LPAFConfig.pruner: fn(model, final_density, total_steps, targets, config) -> the training-step hook.
+@register_pruner("first-order", provides=("importance", "fisher"))
+def _first_order(model: nn.Module, final_density: float, total_steps: int, targets, config) -> FirstOrderPruner:
+    return FirstOrderPruner(model, final_density, total_steps, targets=targets,
+                            initial_warmup_fraction=config.initial_warmup_fraction,
+                            final_warmup_fraction=config.final_warmup_fraction, delta_t=config.delta_t,
+                            beta1=config.beta1, beta2=config.beta2, beta_fisher=config.beta_fisher,
+                            criterion=config.criterion)
+
+
+@register_pruner("magnitude")
+def _magnitude(model: nn.Module, final_density: float, total_steps: int, targets, config) -> MagnitudePruningSchedule:
+    return MagnitudePruningSchedule(model, final_density, total_steps, dict(targets),
+                                    config.initial_warmup_fraction, config.final_warmup_fraction, config.delta_t)

@@ -16,11 +16,22 @@ _CHECKPOINT_FIELDS = ("state_file", "sha256", "state_bytes", "index")
 __all__ = ["build_report", "validate_report", "load_report", "format_report", "plot_report", "REPORT_FORMAT"]
 
 
-def build_report(config, manifest: dict, layers: list[dict], compressed: dict, checkpoint_bytes: int,
-                 head_trained: bool, train_examples: int, eval_examples: int, steps: dict) -> dict:
-    """The report of a finished run from its config, checkpoint manifest (stage records) and final model counts."""
-    from lrsparse.pipeline import versions
+def versions() -> dict[str, str]:
+    import platform
 
+    import torch
+    import transformers
+
+    import lrsparse
+
+    return {"lrsparse": lrsparse.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def build_report(config, manifest: dict, records: list, compressed: dict, checkpoint_bytes: int,
+                 head_trained: bool, train_examples: int, eval_examples: int, steps: dict) -> dict:
+    """The report of a finished run from its :class:`~lrsparse.recipe.RecipeConfig`, checkpoint manifest (stage
+    records), layer records (:class:`~lrsparse.records.LayerRecord`) and final model counts."""
     dense = manifest["dense_params"]
     stages = [{k: v for k, v in stage.items() if k not in _CHECKPOINT_FIELDS} for stage in manifest["stages"]]
     params = {
@@ -35,7 +46,7 @@ def build_report(config, manifest: dict, layers: list[dict], compressed: dict, c
         "keep": config.keep,
         "seed": config.seed,
         "model": config.model,
-        "factorization": config.resolved_factorization(),
+        "factorization": config.lpaf.factorizer if config.lpaf.factorizes else None,
         "versions": versions(),
         "config": {**config.identity(), "device": config.device},
         "head_trained_before": head_trained,
@@ -45,8 +56,7 @@ def build_report(config, manifest: dict, layers: list[dict], compressed: dict, c
         "final_metrics": dict(stages[-1]["metrics"]),
         "stages": stages,
         "params": params,
-        "layers": [{k: layer.get(k) for k in (*LAYER_KEYS, "method", "relative_error") if k in layer}
-                   for layer in layers],
+        "layers": [record.to_dict() for record in records],
         "checkpoint_bytes": checkpoint_bytes,
     }
 

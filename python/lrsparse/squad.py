@@ -83,6 +83,12 @@ class SquadSplit:
 def _expect(value: Any, kind: type, where: str, what: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"{where}: expected {what} ({kind.__name__}), got {type(value).__name__} {value!r:.60}")
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to text no tokenizer takes
+            raise ValueError(f"{where}: {what} holds an unpaired surrogate {value[exc.start]!r} at character "
+                             f"{exc.start}") from None
     return value
 
 
@@ -112,6 +118,12 @@ def _parse_article(article: Any, where: str, seen_ids: set[str]) -> list[SquadEx
                 _expect(answer, dict, a_where, "an answer object with 'text' and 'answer_start'")
                 text = _expect(answer.get("text"), str, f"{a_where}.text", "the answer text")
                 start = _expect(answer.get("answer_start"), int, f"{a_where}.answer_start", "a character offset")
+                if not text:
+                    raise ValueError(f"{a_where}.text (id {qid}): the answer is empty; SQuAD v1.1 answers are "
+                                     "non-empty spans of the context")
+                if not 0 <= start <= len(context) - len(text):
+                    raise ValueError(f"{a_where}.answer_start (id {qid}): {start} does not leave room for the "
+                                     f"{len(text)}-character answer in the {len(context)}-character context")
                 if context[start:start + len(text)] != text:
                     raise ValueError(f"{a_where} (id {qid}): answer {text!r} is not at character {start} of the "
                                      f"context (found {context[start:start + len(text)]!r})")
@@ -128,8 +140,11 @@ def read_squad_json(path: str | os.PathLike) -> list[SquadExample]:
         raise FileNotFoundError(f"SQuAD file not found: {path}")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise ValueError(f"{path} is not valid JSON ({exc}); expected the official SQuAD v1.1 format") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid SQuAD JSON: its arrays/objects are nested too deeply to read; "
+                         "expected the official SQuAD v1.1 format") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError(f"{path}: expected an object with a 'data' list of articles (the official SQuAD v1.1 "
                          "format)")

@@ -1,0 +1,246 @@
+"""Compression quality a reviewer can check: several seeds, full dev sets, the majority-class baseline beside every
+number, degenerate runs marked.
+
+    # the keep-0.25 grid, 3 seeds (hours on 2 CPU cores; resumable, extends the same results on every invocation)
+    python benchmarks/quality.py --tasks stsb mrpc cola sst2 --presets dense svd fwsvd lpaf --keeps 0.25 \
+        --seeds 0 1 2
+    # other keeps for lpaf and svd
+    python benchmarks/quality.py --tasks stsb mrpc --presets lpaf svd --keeps 0.5 0.1 --seeds 0 1 2
+    # rewrite quality.md and the plots from quality.json
+    python benchmarks/quality.py --render-only
+
+Protocol. For each task and seed the dense model is fine-tuned from the pre-trained checkpoint (``--dense-epochs``,
+the standard GLUE recipe of 3 epochs at lr 1e-4 for this small model); the dense rows report those runs. Every
+compressed run starts from the seed-0 dense checkpoint of its task (the same model for every method and seed) and
+trains ``--prune-epochs`` (pruning with the cubic schedule for lpaf; plain fine-tuning for svd/fwsvd) and
+``--mixed-epochs`` (mixed-rank fine-tuning) with its own seed. Training uses the full training set of each task
+(SST-2: a seeded ``--sst2-train-samples`` subset on CPU), evaluation the full dev set.
+
+Results: ``<out>.json`` = ``{"majority": {task: score}, "rows": [...]}`` with one self-describing row per run,
+``<out>.md`` with mean +- std tables, ``<out>_<task>.png``. A run scoring within 1 point of the majority-class
+baseline (or below it) is marked degenerate. Each finished run is written at once; an interrupted run resumes
+from its checkpoint on the next invocation.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from lrsparse.data import get_task, load_glue
+from lrsparse.metrics import compute_metrics
+from lrsparse.pipeline import finetune_dense, run_compression
+from lrsparse.recipe import RecipeConfig
+
+# Runs within this many points (fractions: 0.01) of the majority-class score, or below it, are degenerate.
+DEGENERATE_MARGIN = 0.01
+MAIN_METRIC_NAMES = {"sst2": "accuracy", "mrpc": "F1", "stsb": "Pearson", "cola": "MCC"}
+
+
+def majority_score(task: str, data_dir: str) -> float:
+    """The main metric of predicting the most frequent training label (the training mean for regression, whose
+    constant prediction has Pearson 0) on the whole dev set."""
+    train, dev = load_glue(task, "train", data_dir), load_glue(task, "dev", data_dir)
+    if get_task(task).is_regression:
+        constant = sum(train.labels) / len(train.labels)
+        return round(compute_metrics(task, torch.full((len(dev),), constant, dtype=torch.float64), dev.labels)["main"], 12)
+    label = Counter(train.labels).most_common(1)[0][0]
+    return compute_metrics(task, torch.full((len(dev),), label, dtype=torch.long), dev.labels)["main"]
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"threads, torch {torch.__version__}, {platform.platform()}")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Results:
+    """quality.json, rewritten (with the markdown and plots) after every finished run."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.json_path = out.with_suffix(".json")
+        saved = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
+        self.majority: dict[str, float] = saved.get("majority", {})
+        self.rows: list[dict] = saved.get("rows", [])
+
+    def has(self, task: str, preset: str, keep: float, seed: int) -> bool:
+        return any((r["task"], r["preset"], r["keep"], r["seed"]) == (task, preset, keep, seed) for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        row["degenerate"] = row["main"] <= self.majority[row["task"]] + DEGENERATE_MARGIN
+        self.rows.append(row)
+        self.save()
+
+    def save(self) -> None:
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, self.json_path)
+        self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
+        for task in sorted({r["task"] for r in self.rows}):
+            plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f} (1 seed)"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def to_markdown(majority: dict, rows: list[dict]) -> str:
+    lines = ["# Compression quality: all-MiniLM-L6-v2 on GLUE (full dev sets)", "",
+             "Main metric x 100, mean ± sample std over seeds (n = number of seeds). `majority` is the score of "
+             "always predicting the most frequent training label (Pearson of a constant is 0). A run within 1 "
+             "point of it, or below it, is degenerate (`deg.` counts them). Reproduce with the commands in "
+             "`benchmarks/quality.py`; every row of `quality.json` holds its machine, date, budget and minutes.", ""]
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        first = task_rows[0]
+        lines += [f"## {task} ({MAIN_METRIC_NAMES.get(task, 'main')}; majority {100 * majority[task]:.1f}; "
+                  f"{first['train_examples']} training examples)", "",
+                  "| preset | keep | n | main | deg. | epochs (dense / prune / mixed) | minutes per run | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[dict]] = {}
+        for r in task_rows:
+            groups.setdefault((r["preset"], r["keep"]), []).append(r)
+        for (preset, keep), group in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0])):
+            mains = [r["main"] for r in group]
+            epochs = group[0]["epochs"]
+            epoch_text = " / ".join(str(epochs.get(k, "-")) for k in ("dense", "prune", "mixed"))
+            seeds = ", ".join(f"{r['seed']}: {100 * r['main']:.1f}{' (deg.)' if r['degenerate'] else ''}"
+                              for r in sorted(group, key=lambda r: r["seed"]))
+            minutes = statistics.mean(r["minutes"] for r in group)
+            lines.append(f"| {preset} | {keep} | {len(group)} | {mean_std(mains)} | "
+                         f"{sum(r['degenerate'] for r in group)} | {epoch_text} | {minutes:.0f} | {seeds} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    task_rows = [r for r in rows if r["task"] == task]
+    for preset in sorted({r["preset"] for r in task_rows}):
+        keeps = sorted({r["keep"] for r in task_rows if r["preset"] == preset})
+        means, stds = [], []
+        for keep in keeps:
+            values = [100 * r["main"] for r in task_rows if r["preset"] == preset and r["keep"] == keep]
+            means.append(statistics.mean(values))
+            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.errorbar(keeps, means, yerr=stds, marker="o", capsize=3, label=preset)
+    if majority is not None:
+        ax.axhline(100 * majority, color="gray", linestyle=":", label="majority class")
+    ax.set_xlabel("keep (fraction of target-layer parameters)")
+    ax.set_ylabel(f"{task} dev {MAIN_METRIC_NAMES.get(task, 'main')} x 100")
+    ax.set_title(f"{task}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["stsb", "mrpc", "cola", "sst2"])
+    parser.add_argument("--presets", nargs="+", default=["dense", "svd", "fwsvd", "lpaf"])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data-dir", default=os.environ.get("LRSPARSE_DATA_DIR", "../shared/data") + "/glue")
+    parser.add_argument("--model", default=None, help="pre-trained checkpoint (default: the packaged MiniLM)")
+    parser.add_argument("--sst2-train-samples", type=int, default=10000,
+                        help="seeded SST-2 training subset (all 67,349 on a GPU: pass 0)")
+    parser.add_argument("--dense-epochs", type=float, default=3.0)
+    parser.add_argument("--prune-epochs", type=float, default=3.0)
+    parser.add_argument("--mixed-epochs", type=float, default=2.0)
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    results = Results(args.out)
+    if args.render_only:
+        results.save()
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    for task in args.tasks:
+        if task not in results.majority:
+            results.majority[task] = majority_score(task, args.data_dir)
+            results.save()
+        train_samples = (args.sst2_train_samples or None) if task == "sst2" else None
+        base = {"data_dir": args.data_dir, "max_train_samples": train_samples, "max_seq_len": args.max_seq_len,
+                "dense_epochs": args.dense_epochs, "prune_epochs": args.prune_epochs,
+                "mixed_epochs": args.mixed_epochs}
+        if args.model:
+            base["model"] = args.model
+
+        def dense_dir(seed: int) -> Path:
+            return args.work_dir / task / f"dense-seed{seed}"
+
+        def ensure_dense(seed: int) -> dict:
+            folder = dense_dir(seed)
+            if not (folder / "dense_metrics.json").exists():
+                finetune_dense(RecipeConfig.create(task, 1.0, str(folder), seed=seed, **base), folder)
+            return json.loads((folder / "dense_metrics.json").read_text())
+
+        for keep in args.keeps:
+            for preset in args.presets:
+                for seed in args.seeds:
+                    if preset == "dense":
+                        if results.has(task, "dense", 1.0, seed):
+                            continue
+                        dense = ensure_dense(seed)
+                        results.add({"task": task, "preset": "dense", "keep": 1.0, "seed": seed,
+                                     "main": dense["metrics"]["main"], "metrics": dense["metrics"],
+                                     "train_examples": dense["train_examples"],
+                                     "epochs": {"dense": args.dense_epochs}, "minutes": dense["seconds"] / 60,
+                                     "machine": machine(), "date": now()})
+                        continue
+                    if results.has(task, preset, keep, seed):
+                        continue
+                    ensure_dense(0)
+                    run_dir = args.work_dir / task / f"{preset}-keep{keep}-seed{seed}"
+                    config = RecipeConfig.create(task, keep, str(run_dir), method=preset, model=str(dense_dir(0)),
+                                                 seed=seed, resume=True, **base)
+                    t0 = time.time()
+                    report = run_compression(config)
+                    params = report["params"]
+                    ranks = [layer["rank"] for layer in report["layers"] if layer.get("rank")]
+                    results.add({
+                        "task": task, "preset": preset, "keep": keep, "seed": seed,
+                        "main": report["final_metrics"]["main"], "metrics": report["final_metrics"],
+                        "train_examples": report.get("train_examples"),
+                        "epochs": {"dense": args.dense_epochs, "prune": args.prune_epochs,
+                                   "mixed": args.mixed_epochs},
+                        "minutes": report.get("run_seconds", time.time() - t0) / 60,
+                        "machine": machine(), "date": now(),
+                        "target_params_retained": params["target_compressed"] / params["target_dense"],
+                        "mean_rank": sum(ranks) / len(ranks) if ranks else None,
+                        "stages": [{"name": s["name"], "main": s["metrics"]["main"]} for s in report["stages"]],
+                    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``RecipeConfig``: the training recipe around the method (task, data, stages, optimizer, runtime).
+
+A run is ``RecipeConfig`` + an :class:`~lrsparse.config.LPAFConfig` (``recipe.lpaf``, usually a preset of
+``lrsparse.PRESETS`` picked by ``method``). Defaults, help and choices are declared once in the field metadata;
+``lrsparse compress`` is generated from both dataclasses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lrsparse.config import PRESETS, LPAFConfig, option
+from lrsparse.modeling import default_model, resolve_device
+from lrsparse.tasks import TASK_NAMES, resolve_task
+
+DENSE_FINETUNE_MODES = ("auto", "force", "skip")
+NONFINITE_GRAD_MODES = ("skip", "error")
+
+
+@dataclass
+class RecipeConfig:
+    """Everything that determines a compression run besides the method (all but the runtime group must match to
+    --resume)."""
+
+    task: str = option(help=f"GLUE task or squad: {', '.join(TASK_NAMES)}", required=True)
+    output_dir: str = option(help="run folder (checkpoint/, model/, report.json)", cli="output", required=True)
+    method: str = option("lpaf", "preset of the method (lrsparse.PRESETS); the method's own flags override it",
+                         choices=list(PRESETS))
+    lpaf: LPAFConfig | None = option(None, "the method's options (default: the preset named by method)", cli=False)
+    model: str = option(default_model(), "checkpoint folder or hub name (default: the bundled all-MiniLM-L6-v2)")
+    data_dir: str | None = option(None, "folder with <TASK>/{train,dev}.tsv in the GLUE layout, or for squad the "
+                                  "official dev-v1.1.json (+ train-v1.1.json; without it the dev articles are split "
+                                  "80/20) (default: the hub)")
+    max_train_samples: int | None = option(None, "seeded subset of the training set (default: all of it)")
+    max_eval_samples: int | None = option(None, "seeded subset of the dev set (default: all of it)")
+    epochs: float = option(3.0, "epochs of each training stage")
+    dense_epochs: float | None = option(None, "override --epochs for dense fine-tuning")
+    prune_epochs: float | None = option(None, "override --epochs for fine-tuning with pruning (no pruner: plain "
+                                        "fine-tuning)")
+    mixed_epochs: float | None = option(None, "override --epochs for mixed-rank fine-tuning")
+    batch_size: int = option(32, "training batch size")
+    eval_batch_size: int = option(64, "evaluation batch size")
+    lr: float = option(1e-4, "peak AdamW learning rate of every stage")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm gains)")
+    warmup_ratio: float = option(0.06, "fraction of each stage's steps of linear LR warm-up")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)")
+    max_seq_len: int = option(128, "tokens per example (question answering: per window)")
+    doc_stride: int | None = option(None, "squad: tokens shared by consecutive windows of a long context "
+                                    "(default max-seq-len/4)")
+    seed: int = option(0, "seed of data order, subsets, new heads and the factorization")
+    dense_finetune: str = option("auto", "auto: only when the checkpoint has no trained head for the task",
+                                 choices=DENSE_FINETUNE_MODES)
+    # Runtime: not part of the run's identity, may differ on --resume.
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice; 1 is faster on a busy "
+                                 "machine)")
+    resume: bool = option(False, "continue from the last checkpoint")
+    overwrite: bool = option(False, "start over in an output folder that has a run")
+    checkpoint_every: int = option(200, "also checkpoint every N optimizer steps inside the training stages (0: only "
+                                   "after each stage)")
+    nonfinite_grads: str = option("skip", "a training step with non-finite gradients is skipped (and counted) or "
+                                  "an error", choices=NONFINITE_GRAD_MODES)
+    tensorboard_dir: str | None = option(None, "write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR",
+                                         cli="tensorboard")
+
+    RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "checkpoint_every", "nonfinite_grads",
+                   "tensorboard_dir")
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESETS:
+            raise ValueError(f"method must be one of {list(PRESETS)}, got {self.method!r}")
+        if self.lpaf is None:
+            self.lpaf = PRESETS[self.method]
+        elif not isinstance(self.lpaf, LPAFConfig):
+            raise ValueError(f"lpaf must be an LPAFConfig, got {type(self.lpaf).__name__}")
+        self.validate()
+
+    @classmethod
+    def create(cls, task: str, keep: float, output_dir: str, method: str = "lpaf", **options) -> "RecipeConfig":
+        """A recipe from one flat set of options: LPAFConfig fields override the ``method`` preset (with ``keep``),
+        the others are recipe fields."""
+        method_fields = {f.name for f in dataclasses.fields(LPAFConfig)}
+        overrides = {k: options.pop(k) for k in list(options) if k in method_fields}
+        if method not in PRESETS:
+            raise ValueError(f"method must be one of {list(PRESETS)}, got {method!r}")
+        lpaf = PRESETS[method].replace(keep=keep, **overrides)
+        return cls(task=task, output_dir=output_dir, method=method, lpaf=lpaf, **options)
+
+    @property
+    def keep(self) -> float:
+        return self.lpaf.keep
+
+    def stage_epochs(self, stage: str) -> float:
+        value = {"dense": self.dense_epochs, "prune": self.prune_epochs, "mixed_rank": self.mixed_epochs}[stage]
+        return self.epochs if value is None else value
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad option (cheap checks only: no files, no model)."""
+        task = resolve_task(self.task)
+        for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0 disables), got {self.checkpoint_every!r}")
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) \
+                or self.max_seq_len < task.min_seq_len:
+            raise ValueError(f"max_seq_len must be an integer >= {task.min_seq_len} for task {task.name!r}, "
+                             f"got {self.max_seq_len!r}")
+        if self.doc_stride is not None:
+            if task.kind != "question-answering":
+                raise ValueError(f"doc_stride applies to question answering only, not to task {task.name!r}")
+            if isinstance(self.doc_stride, bool) or not isinstance(self.doc_stride, int) or not (
+                    0 < self.doc_stride < self.max_seq_len):
+                raise ValueError(f"doc_stride must be an integer in [1, max_seq_len), got {self.doc_stride!r}")
+        for name in ("epochs", "dense_epochs", "prune_epochs", "mixed_epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.stage_epochs("prune") <= 0:
+            raise ValueError(f"prune_epochs must be > 0 (pruning needs training steps), got "
+                             f"{self.stage_epochs('prune')!r}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        resolve_device(self.device)
+        if self.tensorboard_dir is not None:
+            from lrsparse.scalars import summary_writer_class
+
+            summary_writer_class(self.tensorboard_dir)
+
+    def identity(self) -> dict[str, Any]:
+        """The options that determine the result (compared on --resume), per-stage epochs resolved."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in self.RESUME_FREE and f.name != "lpaf"}
+        for stage, name in (("dense", "dense_epochs"), ("prune", "prune_epochs"), ("mixed_rank", "mixed_epochs")):
+            values[name] = self.stage_epochs(stage)
+        values.pop("epochs")
+        values["lpaf"] = self.lpaf.to_dict()
+        return values
+
+    def stage_names(self) -> list[str]:
+        names = ["dense", "prune" if self.lpaf.prunes else "finetune"]
+        return names + (["factorize", "mixed_rank"] if self.lpaf.factorizes else [])

@@ -1,0 +1,258 @@
+"""The training loop of every stage (one flat loop, top to bottom) and evaluation.
+
+Each step: forward, backward, clip and apply the gradients (a step with non-finite loss or gradients is skipped),
+``compressor.step(optimizer)`` (pruning, or the mixed-rank schedule), zero the gradients, advance the LR schedule,
+and every ``checkpoint_every`` steps hand the loop's state to ``save_progress`` so a killed run continues exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lrsparse.checkpoint import CheckpointError
+from lrsparse.layers import MixedRankLinear
+from lrsparse.tasks import resolve_task
+
+log = logging.getLogger("lrsparse.training")
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    # disable=None: bars on a terminal only, so logs and CI output stay clean.
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+
+
+def seed_stage(seed: int, stage_index: int) -> int:
+    """Seeds torch for one stage; the stage's data order uses the returned seed too."""
+    stage_seed = seed * 1000 + stage_index
+    torch.manual_seed(stage_seed)
+    return stage_seed
+
+
+class _BatchStream:
+    """Endless shuffled batches of ``dataset``. Epoch ``e`` is a permutation drawn from a generator seeded with
+    ``(seed, e)``, so the position (epoch, batches taken in it) is all a resumed stage needs to see the same batches.
+    The last batch of an epoch may be smaller (as a DataLoader without drop_last)."""
+
+    def __init__(self, dataset, batch_size: int, collate, seed: int):
+        self.dataset, self.batch_size, self.collate, self.seed = dataset, batch_size, collate, seed
+        self.batches_per_epoch = math.ceil(len(dataset) / batch_size)
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def __next__(self) -> dict:
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed + (self.epoch << 32))
+            self._order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        start = self.index * self.batch_size
+        self.index += 1
+        return self.collate([self.dataset[i] for i in self._order[start:start + self.batch_size]])
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise CheckpointError(f"data order seed {state['seed']} of the checkpoint differs from {self.seed}")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm gains (1-D), as in BERT fine-tuning.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    # Parameter names alongside the positional state: a resumed stage rebuilds its optimizer from a reloaded model
+    # (where, after the mixed-rank blend, the sparse weights are gone) and must pair each state with its tensor.
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {"param_names": [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups],
+            "state": optimizer.state_dict()}
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
+    params = dict(model.named_parameters())
+    if len(saved["param_names"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint optimizer has {len(saved['param_names'])} parameter groups, expected "
+                              f"{len(optimizer.param_groups)}")
+    for group, names in zip(optimizer.param_groups, saved["param_names"]):
+        if not set(names) <= params.keys() or {id(params[n]) for n in names} != {id(p) for p in group["params"]}:
+            raise CheckpointError("checkpoint optimizer parameters do not match the model's trainable parameters")
+        group["params"] = [params[name] for name in names]
+    optimizer.load_state_dict(saved["state"])
+
+
+def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: str, collate, device: torch.device,
+          compressor=None, resume: dict | None = None, save_progress: Callable[[dict], None] | None = None,
+          writer=None) -> dict:
+    """``steps`` AdamW steps with linear warmup/decay; ``config`` is the run's :class:`~lrsparse.recipe.RecipeConfig`.
+
+    ``compressor.step(optimizer)`` (a :class:`~lrsparse.compressor.Compressor`, or None) runs after each optimizer
+    step, before the gradients are cleared; it gets the optimizer because the mixed-rank schedule drops the sparse
+    weights from it. Steps with a non-finite loss are skipped and counted; so are steps with non-finite gradients,
+    unless ``config.nonfinite_grads`` is "error" (FloatingPointError naming the step and the parameters).
+
+    Every ``config.checkpoint_every`` steps ``save_progress(training_state)`` gets what is needed, besides the model
+    and the compressor, to continue exactly (optimizer, LR schedule, data position, RNG, counters); ``resume`` is
+    such a state. ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` and the density or alpha per step.
+    """
+    model.train()
+    optimizer = _optimizer(model, config.lr, config.weight_decay)
+    scheduler = _linear_schedule(optimizer, steps, config.warmup_ratio)
+    batches = _BatchStream(dataset, config.batch_size, collate, stage_seed)
+    counters = {"step": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "loss_sum": 0.0}
+
+    def training_state() -> dict:
+        return {"counters": dict(counters), "optimizer": _optimizer_state(optimizer, model),
+                "lr_scheduler": scheduler.state_dict(),
+                "batches": batches.state_dict(), "rng": _rng_state(device)}
+
+    if resume is not None:
+        if resume["counters"]["step"] >= steps:
+            raise CheckpointError(f"{desc}: checkpoint at step {resume['counters']['step']} of a {steps}-step stage")
+        _load_optimizer_state(optimizer, model, resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        batches.load_state_dict(resume["batches"])
+        counters.update(resume["counters"])
+        _set_rng_state(resume["rng"], device)
+        log.info("%s: resuming at step %d of %d", desc, counters["step"], steps)
+    with _progress(steps, desc) as bar:
+        bar.update(counters["step"])
+        while counters["step"] < steps:
+            step = counters["step"] + 1
+            batch = _to_device(next(batches), device)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                counters["skipped_steps"] += 1
+                log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))
+            else:
+                loss.backward()
+                if _apply_gradients(model, optimizer, config, desc, step):
+                    if compressor is not None:
+                        compressor.step(optimizer)
+                    counters["loss_sum"] += loss.item()
+                    if writer is not None:
+                        _write_step_scalars(writer, desc, step, loss.item(), compressor)
+                else:
+                    counters["skipped_steps"] += 1
+                    counters["nonfinite_grad_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            counters["step"] = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{counters['loss_sum'] / max(1, step - counters['skipped_steps']):.4f}")
+            if save_progress is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and step < steps:
+                save_progress(training_state())
+    done = steps - counters["skipped_steps"]
+    return {"steps": steps, "skipped_steps": counters["skipped_steps"],
+            "nonfinite_grad_steps": counters["nonfinite_grad_steps"], "mean_loss": counters["loss_sum"] / max(1, done)}
+
+
+def _write_step_scalars(writer, desc: str, step: int, loss: float, compressor) -> None:
+    writer.add_scalar(f"{desc}/loss", loss, step)
+    if compressor is None:
+        return
+    if compressor.phase == "prune" and compressor.density() is not None:
+        writer.add_scalar(f"{desc}/density", compressor.density(), step)
+    elif compressor.alpha is not None:
+        writer.add_scalar(f"{desc}/alpha", float(compressor.alpha), step)
+
+
+def _apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, config, desc: str,
+                     step: int) -> bool:
+    """Clips and applies the gradients; returns False (nothing applied) when they are not all finite.
+
+    A non-finite gradient would turn every weight into NaN through the clipping factor and Adam's moments, so such
+    a step is skipped, or with ``nonfinite_grads="error"`` raises naming the step and the parameters.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    total_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if not bool(torch.isfinite(total_norm)):
+        names = [name for name, p in model.named_parameters()
+                 if p.grad is not None and not bool(p.grad.isfinite().all())]
+        if config.nonfinite_grads == "error":
+            raise FloatingPointError(f"{desc} step {step}: non-finite gradient in parameter(s) {names} "
+                                      "(nonfinite_grads='error'; use 'skip' to skip such steps)")
+        log.warning("%s step %d: non-finite gradient in %s, step skipped", desc, step, names)
+        return False
+    if config.max_grad_norm > 0:
+        nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, total_norm)
+    optimizer.step()
+    return True
+
+
+@contextmanager
+def low_rank_only(model: nn.Module):
+    """Evaluates MixedRankLinear layers through their low-rank path alone (as the final model will be)."""
+    mixed = [m for m in model.modules() if isinstance(m, MixedRankLinear)]
+    saved = [m.strategy for m in mixed]
+    for module in mixed:
+        module.strategy = "none"
+    try:
+        yield
+    finally:
+        for module, strategy in zip(mixed, saved):
+            module.strategy = strategy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, task, batch_size: int, collate, device: torch.device,
+             desc: str = "eval") -> dict:
+    """Task metrics (with "main") of ``model`` on ``dataset``."""
+    task = resolve_task(task)
+    was_training = model.training
+    model.eval()
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in task.output_names}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    with _progress(len(loader), desc) as bar:
+        for batch in loader:
+            inputs = {key: value for key, value in batch.items() if key not in task.label_names}
+            result = model(**_to_device(inputs, device))
+            for name, batches in outputs.items():
+                batches.append(result[name].float().cpu())
+            bar.update(1)
+    model.train(was_training)
+    return task.metrics(outputs, dataset)
+
+
+def steps_for(epochs: float, examples: int, batch_size: int) -> int:
+    return math.ceil(epochs * math.ceil(examples / batch_size)) if epochs > 0 else 0
