@@ -14,7 +14,6 @@ dense model through ``run_compression`` with the same number of pruning/fine-tun
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from plotting import line_plot
 
 from lrsparse.pipeline import finetune_dense, run_compression
 from lrsparse.recipe import RecipeConfig
@@ -84,27 +84,15 @@ def first_order_pruned_weights(run_dir: Path) -> dict:
 
 
 def plot(results: list[dict], task: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     rows = [r for r in results if r["task"] == task]
-    dense = [r for r in rows if r["method"] == "dense"]
-    for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
-        pts = sorted((r["target_params_retained"], r["main"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    if dense:
-        ax.axhline(dense[0]["main"], color="black", linestyle="--", label="dense")
-    ax.set_xlabel("fraction of target-layer parameters retained")
-    ax.set_ylabel(f"{task} dev {rows[0]['metric']}")
-    ax.set_title(f"{task}: metric vs parameters retained")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with line_plot(path, "fraction of target-layer parameters retained", f"{task} dev {rows[0]['metric']}",
+                   f"{task}: metric vs parameters retained") as ax:
+        dense = [r for r in rows if r["method"] == "dense"]
+        for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
+            pts = sorted((r["target_params_retained"], r["main"]) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        if dense:
+            ax.axhline(dense[0]["main"], color="black", linestyle="--", label="dense")
 
 
 def main(argv=None):

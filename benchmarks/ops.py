@@ -152,25 +152,33 @@ class Bench:
         )
 
     def weighted_lowrank(self):
-        cases = [(384, 1536, 96)] if self.args.quick else [(384, 1536, 96), (768, 768, 192), (768, 3072, 192)]
-        for m, n, r in cases:
-            w = _realistic_matrix(m, n)
+        def pruned(m: int, n: int) -> torch.Tensor:
+            # Pruned like first-order pruning leaves attention/FFN matrices: sparse, with many all-zero rows (their
+            # deflation is exact and shrinks the eigenproblem; see csrc/weighted_lowrank_common.cpp).
+            generator = torch.Generator().manual_seed(m + n)
+            w = _realistic_matrix(m, n) * (torch.rand(m, n, generator=generator) < 0.2)
+            w[torch.rand(m, generator=generator) < 0.4] = 0
+            return w
 
-            def full_svd_truncate():
+        dense_cases = [(384, 1536, 96)] if self.args.quick else [(384, 1536, 96), (768, 768, 192), (768, 3072, 192)]
+        pruned_cases = [(384, 384, 14)] if self.args.quick else [(384, 384, 14), (768, 3072, 96)]
+        cases = [(f"{m}x{n} r={r} no omega", _realistic_matrix(m, n), r) for m, n, r in dense_cases] + [
+            (f"{m}x{n} r={r} no omega, 20% dense, 40% empty rows", pruned(m, n), r) for m, n, r in pruned_cases]
+        for label, w, r in cases:
+            def full_svd_truncate(w=w, r=r):
                 u, s, vh = torch.linalg.svd(w, full_matrices=False)
                 return u[:, :r] * s[:r], vh[:r]
 
-            u_ref, v_ref = full_svd_truncate()
             U, V = ops.weighted_lowrank(w, r)
             err = float(reference.weighted_error(w, U, V).sqrt())
-            err_ref = float(reference.weighted_error(w, u_ref, v_ref).sqrt())
+            err_ref = float(reference.weighted_error(w, *full_svd_truncate()).sqrt())
             self.record(
                 "weighted_lowrank",
-                f"{m}x{n} r={r} no omega",
-                lambda: ops.weighted_lowrank(w, r),
+                label,
+                lambda w=w, r=r: ops.weighted_lowrank(w, r),
                 full_svd_truncate,
                 None,
-                _lowrank_gemm_flops(m, n, r) / (self.gemm * 1e9) * 1e3,
+                _lowrank_gemm_flops(*w.shape, r) / (self.gemm * 1e9) * 1e3,
                 error_ratio_vs_svd=err / err_ref,
             )
         cases = [(384, 1536, 48)] if self.args.quick else [(384, 1536, 48), (768, 3072, 96)]

@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from plotting import line_plot
 
 from lrsparse.data import get_task, load_glue
 from lrsparse.metrics import compute_metrics
@@ -131,31 +132,19 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     task_rows = [r for r in rows if r["task"] == task]
-    for preset in sorted({r["preset"] for r in task_rows}):
-        keeps = sorted({r["keep"] for r in task_rows if r["preset"] == preset})
-        means, stds = [], []
-        for keep in keeps:
-            values = [100 * r["main"] for r in task_rows if r["preset"] == preset and r["keep"] == keep]
-            means.append(statistics.mean(values))
-            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.errorbar(keeps, means, yerr=stds, marker="o", capsize=3, label=preset)
-    if majority is not None:
-        ax.axhline(100 * majority, color="gray", linestyle=":", label="majority class")
-    ax.set_xlabel("keep (fraction of target-layer parameters)")
-    ax.set_ylabel(f"{task} dev {MAIN_METRIC_NAMES.get(task, 'main')} x 100")
-    ax.set_title(f"{task}: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with line_plot(path, "keep (fraction of target-layer parameters)",
+                   f"{task} dev {MAIN_METRIC_NAMES.get(task, 'main')} x 100", f"{task}: mean ± std over seeds") as ax:
+        for preset in sorted({r["preset"] for r in task_rows}):
+            keeps = sorted({r["keep"] for r in task_rows if r["preset"] == preset})
+            means, stds = [], []
+            for keep in keeps:
+                values = [100 * r["main"] for r in task_rows if r["preset"] == preset and r["keep"] == keep]
+                means.append(statistics.mean(values))
+                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            ax.errorbar(keeps, means, yerr=stds, marker="o", capsize=3, label=preset)
+        if majority is not None:
+            ax.axhline(100 * majority, color="gray", linestyle=":", label="majority class")
 
 
 def main(argv=None):
@@ -205,9 +194,10 @@ def main(argv=None):
                 finetune_dense(RecipeConfig.create(task, 1.0, str(folder), seed=seed, **base), folder)
             return json.loads((folder / "dense_metrics.json").read_text())
 
+        # Seeds outermost: an interrupted grid has every preset at the first seeds rather than one preset at all.
         for keep in args.keeps:
-            for preset in args.presets:
-                for seed in args.seeds:
+            for seed in args.seeds:
+                for preset in args.presets:
                     if preset == "dense":
                         if results.has(task, "dense", 1.0, seed):
                             continue

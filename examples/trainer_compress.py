@@ -1,5 +1,10 @@
 """LPAF with an ordinary ``transformers.Trainer``: prune while fine-tuning, factorize, mixed-rank fine-tune, save.
 
+One :class:`lrsparse.Compressor` goes through two Trainer runs, driven by one ``lrsparse.hf.CompressorCallback``.
+The method's options are the flags of ``lrsparse compress`` (generated from :class:`lrsparse.LPAFConfig`: ``--keep``,
+``--delta-t``, ``--factorization``, ``--blend-fraction``, ... over the ``--method`` preset); the other flags are
+this example's own.
+
 Single process (the packaged all-MiniLM-L6-v2, local GLUE data)::
 
     python examples/trainer_compress.py --task sst2 --keep 0.25 --data-dir ../shared/data/glue \\
@@ -16,54 +21,72 @@ tensorboard``). The checkpoint has no trained head for the task, so the pruning 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
+import lrsparse
+from lrsparse.cli import add_dataclass_arguments
 from lrsparse.data import PaddingCollator, TokenizedDataset, get_task, load_glue
 from lrsparse.distributed import is_main_process
-from lrsparse.factorization import factorize_model
-from lrsparse.hf import MixedRankCallback, PruningCallback
-from lrsparse.io import save_compressed
+from lrsparse.hf import CompressorCallback
 from lrsparse.metrics import compute_metrics
-from lrsparse.pipeline import default_model
+from lrsparse.modeling import default_model, load_task_model
 
 log = logging.getLogger("lrsparse.examples.trainer_compress")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--keep", type=float, default=0.25, help="density of the pruned target matrices")
-    parser.add_argument("--data-dir", required=True, help="folder holding the GLUE task folders (SST-2/, ...)")
-    parser.add_argument("--model", default=default_model())
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--max-eval-samples", type=int, default=None)
-    parser.add_argument("--prune-epochs", type=float, default=2.0)
-    parser.add_argument("--mixed-epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="steps per phase (overrides the epochs)")
-    parser.add_argument("--batch-size", type=int, default=32, help="per process")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--max-seq-len", type=int, default=128)
-    parser.add_argument("--delta-t", type=int, default=10)
-    parser.add_argument("--factorization-iters", type=int, default=100, help="EM iterations of the weighted SVD")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars to DIR")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU (DDP over gloo under torchrun)")
-    return parser.parse_args(argv)
+    example = parser.add_argument_group("example")
+    example.add_argument("--task", default="sst2", help="GLUE task")
+    example.add_argument("--data-dir", required=True, help="folder holding the GLUE task folders (SST-2/, ...)")
+    example.add_argument("--model", default=default_model())
+    example.add_argument("--output", required=True, help="output folder (model/ and summary.json)")
+    example.add_argument("--max-train-samples", type=int, default=None)
+    example.add_argument("--max-eval-samples", type=int, default=None)
+    example.add_argument("--max-seq-len", type=int, default=128)
+    example.add_argument("--epochs", type=float, default=2.0, help="epochs of each phase")
+    example.add_argument("--max-steps", type=int, default=-1, help="steps of each phase (overrides --epochs)")
+    example.add_argument("--batch-size", type=int, default=32, help="per process")
+    example.add_argument("--lr", type=float, default=1e-4)
+    example.add_argument("--seed", type=int, default=0, help="seed of the data subsets, the new head, the training "
+                         "and the factorization")
+    example.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars to DIR")
+    example.add_argument("--cpu", action="store_true", help="train on CPU (DDP over gloo under torchrun)")
+    method = parser.add_argument_group("method (override the --method preset)")
+    method.add_argument("--method", default="lpaf", choices=list(lrsparse.PRESETS),
+                        help="preset of the method (lrsparse.PRESETS)")
+    lpaf_defaults = dataclasses.asdict(lrsparse.PRESETS["lpaf"])
+    add_dataclass_arguments(method, lrsparse.LPAFConfig,
+                            preset_defaults={k: v for k, v in lpaf_defaults.items() if k != "keep"})
+    args = parser.parse_args(argv)
+    try:
+        args.lpaf = method_config(args)  # a bad option fails here, before anything is loaded
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
-def training_args(args, phase: str, epochs: float) -> TrainingArguments:
+def method_config(args: argparse.Namespace) -> lrsparse.LPAFConfig:
+    """The --method preset with the method flags given on the command line."""
+    values = vars(args)
+    overrides = {f.name: values[f.name] for f in dataclasses.fields(lrsparse.LPAFConfig)
+                 if values.get(f.name) is not None}
+    return lrsparse.PRESETS[args.method].replace(**overrides)
+
+
+def training_args(args, phase: str) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=os.path.join(args.output, f"trainer-{phase}"), num_train_epochs=epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, learning_rate=args.lr,
-        weight_decay=0.01, warmup_steps=0.06, max_grad_norm=1.0, eval_strategy="no", save_strategy="no",
-        logging_steps=10, report_to="none", seed=args.seed, use_cpu=args.cpu,
+        output_dir=os.path.join(args.output, f"trainer-{phase}"), num_train_epochs=args.epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+        learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.06, max_grad_norm=1.0, eval_strategy="no",
+        save_strategy="no", logging_steps=10, report_to="none", seed=args.seed, use_cpu=args.cpu,
         # Otherwise Trainer multiplies the loss by the world size for models whose loss ignores num_items_in_batch
         # (sequence classification): the gradients (and the logged loss) would be world_size times too large.
         average_tokens_across_devices=False,
@@ -74,6 +97,7 @@ def training_args(args, phase: str, epochs: float) -> TrainingArguments:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    config = args.lpaf
     # The process group starts inside TrainingArguments; torchrun's RANK tells the main process before that.
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -85,45 +109,43 @@ def main(argv=None) -> dict:
                                 tokenizer, args.max_seq_len)
     collate = PaddingCollator(tokenizer.pad_token_id or 0)
     torch.manual_seed(args.seed)  # the new head: the same on every rank
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=task.num_labels, ignore_mismatched_sizes=True, dtype=torch.float32,
-        problem_type="regression" if task.is_regression else "single_label_classification")
+    model = load_task_model(args.model, task, keep_head=False)
 
     def metrics(prediction) -> dict:
         return compute_metrics(task.name, torch.as_tensor(prediction.predictions),
                                torch.as_tensor(prediction.label_ids))
 
-    tensorboard = None if args.tensorboard is None else Path(args.tensorboard)
+    def run_phase(phase: str) -> dict:
+        # A new Trainer per phase: after factorize() its optimizer must be built from the factorized model
+        # (U, V, and the sparse weights until alpha reaches 1). The same callback drives both runs.
+        trainer = Trainer(model=model, args=training_args(args, phase), train_dataset=train_set,
+                          eval_dataset=eval_set, data_collator=collate, compute_metrics=metrics, callbacks=[callback])
+        trainer.train()
+        return trainer.evaluate()
 
-    # Phase 1: first-order pruning while fine-tuning.
-    pruning = PruningCallback(args.keep, delta_t=args.delta_t,
-                              tensorboard_dir=None if tensorboard is None else str(tensorboard / "pruning"))
-    trainer = Trainer(model=model, args=training_args(args, "prune", args.prune_epochs), train_dataset=train_set,
-                      eval_dataset=eval_set, data_collator=collate, compute_metrics=metrics, callbacks=[pruning])
-    trainer.train()
-    pruned = trainer.evaluate()
-    log.info("pruned to density %.4f: %s", pruning.pruner.density(), pruned)
+    # Phase 1: fine-tuning while pruning; its length is the Trainer's max_steps.
+    compressor = lrsparse.prepare(model, config, seed=args.seed)
+    callback = CompressorCallback(compressor, tensorboard_dir=args.tensorboard)
+    pruned = run_phase("prune")
+    density = compressor.density()  # None without a pruner (plain fine-tuning)
+    log.info("after phase 1 (density %s): %s", density, pruned)
+    final = pruned
+    if config.factorizes:
+        # Every rank computes the same factors from the same masks and scores.
+        compressor.factorize()
+        final = run_phase("mixed")
+        log.info("low-rank model: %s", final)
+    callback.close()
 
-    # Factorize (every rank computes the same factors from the same masks and scores), then phase 2 in a new
-    # Trainer: its optimizer is built from the factorized model (U, V, and the sparse weights until alpha = 1).
-    layers = factorize_model(model, keep=args.keep, pruner=pruning.pruner,
-                             solver_options={"max_iters": args.factorization_iters, "seed": args.seed})
-    mixing = MixedRankCallback(keep=args.keep, tensorboard_dir=None if tensorboard is None else str(tensorboard / "mixed"))
-    trainer = Trainer(model=model, args=training_args(args, "mixed", args.mixed_epochs), train_dataset=train_set,
-                      eval_dataset=eval_set, data_collator=collate, compute_metrics=metrics, callbacks=[mixing])
-    trainer.train()
-    final = trainer.evaluate()
-    log.info("low-rank model: %s", final)
-    for callback in (pruning, mixing):
-        callback.close()
-
-    written = save_compressed(model.cpu(), Path(args.output) / "model", tokenizer=tokenizer)  # rank 0 only
-    summary = {"task": task.name, "keep": args.keep, "density": pruning.pruner.density(),
-               "pruned_eval": pruned, "final_eval": final,
-               "ranks": {layer.name: layer.rank for layer in layers}, "checkpoint_bytes": written}
+    out = Path(args.output) / "model"
+    written = lrsparse.save_compressed(model.cpu(), out, tokenizer=tokenizer, config=compressor.config,
+                                       records=compressor.records)  # rank 0 only
+    summary = {"task": task.name, "config": config.to_dict(), "density": density,
+               "phase1_eval": pruned, "final_eval": final,
+               "ranks": {r.name: r.rank for r in compressor.records}, "checkpoint_bytes": written}
     if is_main_process():
         (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("saved %s", Path(args.output) / "model")
+        log.info("saved %s", out)
     return summary
 
 

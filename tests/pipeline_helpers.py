@@ -42,3 +42,16 @@ def train(model, optimizer, batches, after_step=None) -> None:
         if after_step is not None:
             after_step()
         optimizer.zero_grad()
+
+
+def save_tiny_bert_checkpoint(folder, minilm_path, seed: int = 0, layers: int = 1):
+    """A random BertModel (no task head) of hidden size 32 saved with the real all-MiniLM-L6-v2 tokenizer: a
+    checkpoint the CLI can compress in seconds. Returns ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

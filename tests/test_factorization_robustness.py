@@ -190,17 +190,12 @@ def test_a_failing_layer_is_reported_saved_and_resumable(tmp_path, data_dir, min
     """A layer whose factorization raises: the error names the layer and the call's arguments, its inputs are
     written beside the checkpoint, and --resume continues from the prune checkpoint once the cause is gone."""
     from safetensors import safe_open
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lrsparse import factorization
     from lrsparse.cli import main
+    from pipeline_helpers import save_tiny_bert_checkpoint
 
-    model_dir = tmp_path / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_bert_checkpoint(tmp_path / "tiny", minilm_path)
     output = tmp_path / "run"
     argv = ["compress", "--model", str(model_dir), "--task", "sst2", "--keep", "0.3", "--output", str(output),
             "--data-dir", str(Path(data_dir) / "glue"), "--max-train-samples", "32", "--max-eval-samples", "16",

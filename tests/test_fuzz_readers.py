@@ -315,19 +315,29 @@ def glue_bytes(draw, bom: bytes, lines: list[str]):
     return raw
 
 
-def test_mutated_real_glue_files_load_exactly_or_name_the_bad_line(glue_excerpts):
+def run_fuzz(max_examples: int, one_case) -> set[str]:
+    """Runs ``one_case(data)`` (draws an input, loads it, returns its outcome) on hypothesis examples; returns the
+    set of outcomes seen, so a test can check that every kind of outcome was reached."""
     outcomes = set()
 
-    @fuzz_settings(max_examples=300)
+    @fuzz_settings(max_examples=max_examples)
     @given(data=st.data())
     def fuzz(data):
+        outcomes.add(one_case(data))
+
+    fuzz()
+    return outcomes
+
+
+def test_mutated_real_glue_files_load_exactly_or_name_the_bad_line(glue_excerpts):
+    def one_case(data):
         task = data.draw(st.sampled_from(sorted(REAL_GLUE)), label="task")
         bom, lines = glue_excerpts[task]
         mutated = data.draw(glue_mutations(lines), label="lines")
         raw = data.draw(glue_bytes(bom, mutated), label="bytes")
-        outcomes.add(check_glue_load(task, raw, split=data.draw(st.sampled_from(["train", "dev"]), label="split")))
+        return check_glue_load(task, raw, split=data.draw(st.sampled_from(["train", "dev"]), label="split"))
 
-    fuzz()
+    outcomes = run_fuzz(300, one_case)
     # The mutations reach every outcome: loads, errors on a line, empty files, files without rows.
     assert outcomes == {"ok", "line", "empty", "no rows"}, outcomes
 
@@ -655,16 +665,12 @@ def json_text_mutations(draw, raw: bytes):
 
 
 def test_mutated_real_squad_excerpt_loads_exactly_or_names_the_bad_field(squad_excerpt):
-    outcomes = set()
-
-    @fuzz_settings(max_examples=250)
-    @given(data=st.data())
-    def fuzz(data):
+    def one_case(data):
         doc = data.draw(squad_mutations(squad_excerpt), label="document")
         raw = data.draw(json_text_mutations(_dumps(doc, data.draw(st.booleans(), label="ascii"))), label="bytes")
-        outcomes.add(check_squad_load(raw))
+        return check_squad_load(raw)
 
-    fuzz()
+    outcomes = run_fuzz(250, one_case)
     assert {"ok", "field", "json"} <= outcomes, outcomes
 
 

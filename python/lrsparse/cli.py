@@ -8,7 +8,13 @@ import logging
 import os
 import sys
 
-from lrsparse.tasks import TASK_NAMES
+from lrsparse.checkpoint import CheckpointError
+from lrsparse.config import PRESETS, LPAFConfig, registry_choices
+from lrsparse.export import FORMATS, describe, export_compressed
+from lrsparse.factorization import FactorizationError
+from lrsparse.pipeline import evaluate_saved, run_compression
+from lrsparse.recipe import RecipeConfig
+from lrsparse.report import format_report, load_report, plot_report
 
 log = logging.getLogger("lrsparse")
 
@@ -29,8 +35,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_default
 
     With ``preset_defaults`` the flags default to None (unset): only the flags given override the preset, whose
     values the help shows."""
-    from lrsparse.config import registry_choices
-
     for spec in dataclasses.fields(cls):
         meta = spec.metadata
         if meta.get("cli") is False:
@@ -62,10 +66,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lrsparse.config import PRESETS, LPAFConfig
-    from lrsparse.export import FORMATS
-    from lrsparse.recipe import RecipeConfig
-
     parser = argparse.ArgumentParser(prog="lrsparse", description="Low-Rank Prune-And-Factorize compression")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The RecipeConfig of parsed ``compress`` arguments: the --method preset with the method flags given."""
-    from lrsparse.config import LPAFConfig
-    from lrsparse.recipe import RecipeConfig
 
     values = vars(args)
     method_fields = [f.name for f in dataclasses.fields(LPAFConfig)]
@@ -124,9 +122,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _compress(args) -> int:
-    from lrsparse.pipeline import run_compression
-    from lrsparse.report import format_report
-
     report = run_compression(config_from_args(args))
     if not args.no_inspect:
         print(format_report(report))
@@ -143,8 +138,6 @@ def _model_dir(path: str):
 
 
 def _evaluate(args) -> int:
-    from lrsparse.pipeline import evaluate_saved
-
     model_dir = _model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
                              args.max_seq_len, args.device, args.seed, args.doc_stride)
@@ -156,8 +149,6 @@ def _evaluate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from lrsparse.report import format_report, load_report, plot_report
-
     report = load_report(args.run)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if args.plot is not None:
@@ -166,8 +157,6 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
-    from lrsparse.export import describe, export_compressed
-
     print(describe(export_compressed(_model_dir(args.model), args.format, args.out)))
     return 0
 
@@ -177,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from lrsparse.factorization import FactorizationError
-    from lrsparse.checkpoint import CheckpointError
 
     handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
     try:

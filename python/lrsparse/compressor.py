@@ -86,10 +86,11 @@ class Compressor:
         return PRUNERS[name].fn(self.model, density, self.total_steps, self.targets, self.config)
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def schedule(self, total_steps: int) -> None:
+    def schedule(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Sets the length (optimizer steps) of the current phase, when it was not given to :func:`prepare` or
         :meth:`factorize` (the Trainer integration passes ``state.max_steps``); a different length than the one
-        already set is an error."""
+        already set is an error. In phase 2, ``optimizer`` (the phase's) loses the sparse weights when the
+        schedule drops them, right away for a schedule that is low-rank from the start."""
         if self.phase == "prune":
             total_steps = _check_steps(total_steps, "total_steps", 1)
             if self.total_steps is None:
@@ -101,20 +102,20 @@ class Compressor:
         elif self.phase == "mixed_rank":
             total_steps = _check_steps(total_steps, "total_steps", 0)
             if self.mixed_steps is None:
-                self._start_mixed_rank(total_steps)
+                self._start_mixed_rank(total_steps, optimizer)
             elif total_steps != self.mixed_steps:
                 raise ValueError(f"the mixed-rank phase was set to total_steps={self.mixed_steps} by factorize(), "
                                  f"got {total_steps}")
         else:
             raise RuntimeError("the compressor is done (converted to low rank): there is no phase left to schedule")
 
-    def _start_mixed_rank(self, total_steps: int) -> None:
+    def _start_mixed_rank(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.mixed_steps = total_steps
         if total_steps == 0:
-            self.convert()
+            self.convert(optimizer)
             return
         self.scheduler = MixedRankScheduler(self.model, total_steps, blend_fraction=self.config.blend_fraction,
-                                            strategy=self.config.mixed_rank)
+                                            strategy=self.config.mixed_rank, optimizer=optimizer)
         if self.scheduler.finalized:  # strategy "none" or blend_fraction 0: low-rank from the start
             self._converted()
 

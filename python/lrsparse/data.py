@@ -196,7 +196,8 @@ def _read_tsv(spec: GlueTask, split: str, path: Path) -> GlueSplit:
             reader = csv.reader(_without_bom(handle), delimiter="\t", quoting=csv.QUOTE_NONE)
             if spec.has_header:
                 header = next(reader, None)
-                if header is None:
+                # A file of nothing but a BOM reads as one empty row: it is empty too.
+                if header is None or (not header and path.read_bytes() == "\ufeff".encode("utf-8")):
                     raise ValueError(f"{path} is empty: the {split} split of {spec.name} has no header and no rows")
                 wanted = (*spec.text_columns, spec.label_column)
                 missing = [name for name in wanted if name not in header]

@@ -8,11 +8,10 @@
     Trainer(model=model, args=..., callbacks=[callback]).train()    # phase 2 in a NEW Trainer: mixed-rank
     lrsparse.save_compressed(model, "out/", config=compressor.config, records=compressor.records)
 
-At ``on_train_begin`` the callback calls ``compressor.schedule(state.max_steps)``: the length of the phase is the
-Trainer's. The same callback object may drive both phases (or pass a new ``CompressorCallback(compressor)`` to the
-second Trainer). The factorization replaces the target layers by MixedRankLinear modules with new parameters (U, V),
-so the optimizer of the first run cannot be reused: a new Trainer creates its optimizer (and learning-rate schedule)
-from the factorized model when ``train()`` starts. The callback checks that the optimizer holds every U and V.
+``on_train_begin`` calls ``compressor.schedule(state.max_steps)``: a phase lasts the Trainer's max_steps. The same
+callback may drive both phases (or give the second Trainer a new ``CompressorCallback(compressor)``). factorize()
+puts new parameters (U, V) in the model, so phase 2 needs a new Trainer: it builds its optimizer (and learning-rate
+schedule) from the factorized model when ``train()`` starts; the callback checks that it holds every U and V.
 
 Where the compressor steps. In transformers 5.x each optimizer step of ``Trainer`` is::
 
@@ -38,9 +37,8 @@ masks; :func:`lrsparse.distributed.check_same_across_ranks` verifies it at each 
 TensorBoard events. Phase 2 drops the sparse weights from the model when alpha reaches 1; DDP then sees parameters
 without gradients, which ``find_unused_parameters`` (Trainer's default for transformers models) handles.
 
-TensorBoard: pass ``tensorboard_dir``; scalars ``pruning/density``, ``pruning/scheduled_density``,
-``mixed_rank/alpha``, ``<phase>/train/<logged value>`` (loss, learning rate, ...) and ``<phase>/eval/<metric>``
-(``<phase>``: pruning or mixed_rank) are written there.
+TensorBoard (``tensorboard_dir``): ``pruning/density``, ``pruning/scheduled_density``, ``mixed_rank/alpha``,
+``<phase>/train/<logged value>`` (loss, learning rate, ...), ``<phase>/eval/<metric>`` (phase: pruning, mixed_rank).
 """
 from __future__ import annotations
 
@@ -50,7 +48,7 @@ from typing import Iterable, Mapping
 from transformers import TrainerCallback
 
 from lrsparse.compressor import Compressor
-from lrsparse.layers import LowRankLinear, MixedRankLinear, _remove_from_optimizer
+from lrsparse.layers import LowRankLinear, MixedRankLinear
 from lrsparse.scalars import open_summary_writer, summary_writer_class
 
 log = logging.getLogger("lrsparse.hf")
@@ -166,9 +164,8 @@ class CompressorCallback(TrainerCallback):
             raise ValueError("ddp_find_unused_parameters=False: the sparse weights are dropped mid-run when alpha "
                              "reaches 1 and DDP would wait for their gradients; leave it unset (or True)")
         self.ranks = {name: m.rank for name, m in mixed.items()}
-        compressor.schedule(state.max_steps)
-        if compressor.phase == "done":  # low-rank from the start (mixed_rank "none", blend_fraction 0)
-            _remove_from_optimizer(optimizer, [m.sparse_weight for m in mixed.values()])
+        # The optimizer too: a schedule that is low-rank from the start drops the sparse weights from it at once.
+        compressor.schedule(state.max_steps, optimizer)
 
     def _check_budget(self, layers: Mapping[str, tuple[int, int, int]]) -> None:
         keep = self.compressor.config.keep
@@ -284,18 +281,15 @@ class CompressorCallback(TrainerCallback):
             self.writer.add_scalar(tag, value, step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.phase is None:
-            return
         for key, value in (logs or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("eval_"):
-                self._scalar(f"{TAGS[self.phase]}/train/{key}", float(value), state.global_step)
+                self._scalar(f"{TAGS.get(self.phase)}/train/{key}", float(value), state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.phase is None:
-            return
         for key, value in (metrics or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._scalar(f"{TAGS[self.phase]}/eval/{key.removeprefix('eval_')}", float(value), state.global_step)
+                self._scalar(f"{TAGS.get(self.phase)}/eval/{key.removeprefix('eval_')}", float(value),
+                             state.global_step)
         self._flush()
 
     def _flush(self) -> None:

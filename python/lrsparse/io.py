@@ -14,13 +14,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from lrsparse.config import LPAFConfig
 from lrsparse.distributed import is_main_process
-from lrsparse.layers import LowRankLinear, MixedRankLinear
+from lrsparse.layers import MixedRankLinear
 from lrsparse.records import LayerRecord, rebuild_layers, records_of
 
 FORMAT_VERSION = 2
@@ -109,8 +109,6 @@ def save_compressed(
             raise TypeError(f"extra must be JSON-serializable: {exc}") from exc
 
     records = _checked_records(model, records)
-    from lrsparse.config import LPAFConfig
-
     if config is not None and not isinstance(config, LPAFConfig):
         raise TypeError(f"config must be an LPAFConfig, got {type(config).__name__}")
     if not is_main_process():
@@ -166,8 +164,6 @@ def _migrate_layer(layer):
 def _read_manifest(path: Path) -> dict:
     """The manifest with ``records`` (LayerRecord objects) and ``config`` (LPAFConfig or None), checked field by
     field: a ValueError names the file and the first bad field."""
-    from lrsparse.config import LPAFConfig
-
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: directory is not a model saved by lrsparse.save_compressed")
     try:

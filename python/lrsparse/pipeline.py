@@ -25,9 +25,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from lrsparse.compressor import Compressor, prepare
 from lrsparse.data import PaddingCollator
 from lrsparse.distributed import is_main_process
 from lrsparse.factorization import FactorizationError
-from lrsparse.io import save_compressed
+from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
 from lrsparse.modeling import (check_tokenizer_fits, count_parameters, load_model_config, load_task_model,
                                quiet_transformers, resolve_device)
 from lrsparse.recipe import RecipeConfig
@@ -358,7 +358,6 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     """
     from transformers import AutoTokenizer
 
-    from lrsparse.io import LAYERS_FILE, load_compressed, saved_extra
 
     spec = resolve_task(task)
     target_device = resolve_device(device)

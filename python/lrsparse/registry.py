@@ -136,4 +136,4 @@ def unregister(kind: str, name: str) -> None:
 def load_builtin_components() -> None:
     """Imports the modules whose decorators register the built-in components."""
     import lrsparse.factorization  # noqa: F401  factorizers and rank allocators
-    import lrsparse.pruning  # noqa: F401  pruners
+    import lrsparse.pruning  # noqa: F401  pruners (imported by factorization too; named for clarity)
