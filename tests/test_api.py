@@ -229,10 +229,12 @@ def test_fuzzed_manifest_loads_correctly_or_names_the_field(saved_model, tmp_pat
     folder, manifest, model = saved_model
     manifest = json.loads(json.dumps(manifest))
     for kind, index, key, value in mutations:
-        if kind == "record" and isinstance(manifest.get("layers"), list) and index < len(manifest["layers"]):
-            manifest["layers"][index][key] = value
-        elif kind == "drop" and isinstance(manifest.get("layers"), list) and index < len(manifest["layers"]):
-            manifest["layers"][index].pop(key, None)
+        layers = manifest.get("layers")
+        record = layers[index] if isinstance(layers, list) and index < len(layers) else None
+        if kind == "record" and isinstance(record, dict):
+            record[key] = value
+        elif kind == "drop" and isinstance(record, dict):
+            record.pop(key, None)
         elif kind == "top":
             manifest[key] = value
         elif kind == "config" and isinstance(manifest.get("lpaf_config"), dict):

@@ -205,11 +205,11 @@ def test_a_failing_layer_is_reported_saved_and_resumable(tmp_path, data_dir, min
     real = factorization.factorize_matrix
     calls = []
 
-    def factorize_or_fail(weight, rank, method, **kwargs):
+    def factorize_or_fail(weight, rank, method, *args, **kwargs):
         calls.append(rank)
         if len(calls) == 3:  # the third target layer (query, key, value, ...) fails
             raise torch.linalg.LinAlgError("injected by the test")
-        return real(weight, rank, method, **kwargs)
+        return real(weight, rank, method, *args, **kwargs)
 
     monkeypatch.setattr(factorization, "factorize_matrix", factorize_or_fail)
     assert main(argv) == 2
