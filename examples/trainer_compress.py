@@ -36,7 +36,8 @@ from lrsparse.data import PaddingCollator, TokenizedDataset, get_task, load_glue
 from lrsparse.distributed import is_main_process
 from lrsparse.hf import CompressorCallback
 from lrsparse.metrics import compute_metrics
-from lrsparse.modeling import default_model, load_task_model
+from lrsparse.modeling import load_task_model
+from lrsparse.recipe import RecipeConfig
 
 log = logging.getLogger("lrsparse.examples.trainer_compress")
 
@@ -44,28 +45,22 @@ log = logging.getLogger("lrsparse.examples.trainer_compress")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     example = parser.add_argument_group("example")
-    example.add_argument("--task", default="sst2", help="GLUE task")
-    example.add_argument("--data-dir", required=True, help="folder holding the GLUE task folders (SST-2/, ...)")
-    example.add_argument("--model", default=default_model())
-    example.add_argument("--output", required=True, help="output folder (model/ and summary.json)")
-    example.add_argument("--max-train-samples", type=int, default=None)
-    example.add_argument("--max-eval-samples", type=int, default=None)
-    example.add_argument("--max-seq-len", type=int, default=128)
+    # The recipe options the example shares with `lrsparse compress`, from the same dataclass (one name, default
+    # and help each); --data-dir is required here (the example reads local GLUE files).
+    add_dataclass_arguments(example, RecipeConfig, only=("task", "output_dir", "model", "data_dir",
+                                                         "max_train_samples", "max_eval_samples", "max_seq_len",
+                                                         "batch_size", "lr", "seed", "tensorboard_dir"))
     example.add_argument("--epochs", type=float, default=2.0, help="epochs of each phase")
     example.add_argument("--max-steps", type=int, default=-1, help="steps of each phase (overrides --epochs)")
-    example.add_argument("--batch-size", type=int, default=32, help="per process")
-    example.add_argument("--lr", type=float, default=1e-4)
-    example.add_argument("--seed", type=int, default=0, help="seed of the data subsets, the new head, the training "
-                         "and the factorization")
-    example.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars to DIR")
     example.add_argument("--cpu", action="store_true", help="train on CPU (DDP over gloo under torchrun)")
     method = parser.add_argument_group("method (override the --method preset)")
-    method.add_argument("--method", default="lpaf", choices=list(lrsparse.PRESETS),
-                        help="preset of the method (lrsparse.PRESETS)")
+    add_dataclass_arguments(method, RecipeConfig, only=("method",))
     lpaf_defaults = dataclasses.asdict(lrsparse.PRESETS["lpaf"])
     add_dataclass_arguments(method, lrsparse.LPAFConfig,
                             preset_defaults={k: v for k, v in lpaf_defaults.items() if k != "keep"})
     args = parser.parse_args(argv)
+    if args.data_dir is None:
+        parser.error("--data-dir is required: the folder holding the GLUE task folders (SST-2/, ...)")
     try:
         args.lpaf = method_config(args)  # a bad option fails here, before anything is loaded
     except ValueError as exc:
@@ -83,7 +78,7 @@ def method_config(args: argparse.Namespace) -> lrsparse.LPAFConfig:
 
 def training_args(args, phase: str) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=os.path.join(args.output, f"trainer-{phase}"), num_train_epochs=args.epochs,
+        output_dir=os.path.join(args.output_dir, f"trainer-{phase}"), num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.06, max_grad_norm=1.0, eval_strategy="no",
         save_strategy="no", logging_steps=10, report_to="none", seed=args.seed, use_cpu=args.cpu,
@@ -125,7 +120,7 @@ def main(argv=None) -> dict:
 
     # Phase 1: fine-tuning while pruning; its length is the Trainer's max_steps.
     compressor = lrsparse.prepare(model, config, seed=args.seed)
-    callback = CompressorCallback(compressor, tensorboard_dir=args.tensorboard)
+    callback = CompressorCallback(compressor, tensorboard_dir=args.tensorboard_dir)
     pruned = run_phase("prune")
     density = compressor.density()  # None without a pruner (plain fine-tuning)
     log.info("after phase 1 (density %s): %s", density, pruned)
@@ -137,14 +132,14 @@ def main(argv=None) -> dict:
         log.info("low-rank model: %s", final)
     callback.close()
 
-    out = Path(args.output) / "model"
+    out = Path(args.output_dir) / "model"
     written = lrsparse.save_compressed(model.cpu(), out, tokenizer=tokenizer, config=compressor.config,
                                        records=compressor.records)  # rank 0 only
     summary = {"task": task.name, "config": config.to_dict(), "density": density,
                "phase1_eval": pruned, "final_eval": final,
                "ranks": {r.name: r.rank for r in compressor.records}, "checkpoint_bytes": written}
     if is_main_process():
-        (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved %s", out)
     return summary
 

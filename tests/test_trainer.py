@@ -367,3 +367,25 @@ def test_pipeline_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match="TensorBoard logging to .* was requested but TensorBoard is not installed"):
         RecipeConfig.create(task="sst2", keep=0.5, output_dir=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+
+
+def test_example_script_compresses_and_saves_a_loadable_model(tmp_path, data_dir):
+    """examples/trainer_compress.py, run as a user would (its own argument parser), on the real MiniLM: both Trainer
+    phases, and a saved model whose manifest holds the method flags given."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trainer_compress.py"
+    spec = importlib.util.spec_from_file_location("trainer_compress", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    output = tmp_path / "out"
+    example.main(["--task", "sst2", "--keep", "0.3", "--data-dir", str(data_dir / "glue"), "--max-train-samples",
+                  "32", "--max-eval-samples", "16", "--max-seq-len", "32", "--max-steps", "3",
+                  "--factorization-iters", "2", "--delta-t", "1", "--output", str(output), "--cpu"])
+    manifest = lrsparse.read_manifest(output / "model")
+    assert manifest["config"] == lrsparse.PRESETS["lpaf"].replace(keep=0.3, factorization_iters=2, delta_t=1)
+    model = lrsparse.load_compressed(output / "model")
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(layers) == len(manifest["records"]) == 36
+    assert [m.rank for m in layers] == [r.rank for r in manifest["records"]]

@@ -29,15 +29,17 @@ def _positive_int(text: str) -> int:
 _SCALARS = {"int": int, "float": float, "str": str}
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_defaults: dict | None = None) -> None:
-    """One flag per field of dataclass ``cls``, from its annotation and metadata (help, choices or the registry
-    whose names are the choices, flag name, required), as transformers' HfArgumentParser does.
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_defaults: dict | None = None,
+                            only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of dataclass ``cls`` (or of the fields named in ``only``), from its annotation and
+    metadata (help, choices or the registry whose names are the choices, flag name, required), as transformers'
+    HfArgumentParser does; the parsed value lands under the field's name.
 
     With ``preset_defaults`` the flags default to None (unset): only the flags given override the preset, whose
     values the help shows."""
     for spec in dataclasses.fields(cls):
         meta = spec.metadata
-        if meta.get("cli") is False:
+        if meta.get("cli") is False or (only is not None and spec.name not in only):
             continue
         flag = "--" + (meta.get("cli") or spec.name).replace("_", "-")
         annotation = str(spec.type).replace(" ", "")
