@@ -401,6 +401,14 @@ def _good_str(value) -> bool:
     return True
 
 
+def _field_problems(node, where: str, checks) -> set[str]:
+    """The paths a reader must name for ``node``: ``where`` itself when it is not an object, else each field whose
+    check (``checks(node)`` gives (field, ok) pairs) fails; empty when the node is fine."""
+    if type(node) is not dict:
+        return {where}
+    return {f"{where}.{key}" for key, ok in checks(node) if not ok}
+
+
 def squad_oracle(payload):
     """What read_squad_json must make of the parsed JSON `payload`: ("ok", examples), ("error", fields, "field")
     where the message must name one of `fields` (paths like data[0].paragraphs[1].qas[2].answers[0].answer_start),
@@ -411,29 +419,23 @@ def squad_oracle(payload):
     examples = []
     for i, article in enumerate(payload["data"]):
         where = f"data[{i}]"
-        if type(article) is not dict:
-            return ("error", {where}, "field")
-        problems = {f"{where}.{key}" for key, ok in (("title", _good_str(article.get("title"))),
-                                                     ("paragraphs", type(article.get("paragraphs")) is list)) if not ok}
+        problems = _field_problems(article, where, lambda a: (("title", _good_str(a.get("title"))),
+                                                              ("paragraphs", type(a.get("paragraphs")) is list)))
         if problems:
             return ("error", problems, "field")
         for p, paragraph in enumerate(article["paragraphs"]):
             p_where = f"{where}.paragraphs[{p}]"
-            if type(paragraph) is not dict:
-                return ("error", {p_where}, "field")
-            problems = {f"{p_where}.{key}" for key, ok in (("context", _good_str(paragraph.get("context"))),
-                                                           ("qas", type(paragraph.get("qas")) is list)) if not ok}
+            problems = _field_problems(paragraph, p_where, lambda g: (("context", _good_str(g.get("context"))),
+                                                                      ("qas", type(g.get("qas")) is list)))
             if problems:
                 return ("error", problems, "field")
             context = paragraph["context"]
             for q, qa in enumerate(paragraph["qas"]):
                 q_where = f"{p_where}.qas[{q}]"
-                if type(qa) is not dict:
-                    return ("error", {q_where}, "field")
-                answers = qa.get("answers")
-                problems = {f"{q_where}.{key}" for key, ok in (("id", _good_str(qa.get("id"))),
-                                                               ("question", _good_str(qa.get("question"))),
-                                                               ("answers", type(answers) is list)) if not ok}
+                problems = _field_problems(qa, q_where, lambda x: (("id", _good_str(x.get("id"))),
+                                                                  ("question", _good_str(x.get("question"))),
+                                                                  ("answers", type(x.get("answers")) is list)))
+                answers = qa.get("answers") if type(qa) is dict else None
                 if not problems and (answers == [] or qa["id"] in seen):
                     problems = {q_where}  # no answers, or a repeated id
                 if problems:
