@@ -340,3 +340,19 @@ def test_baseline_methods_end_to_end(method, tmp_path, data_dir, minilm_path):
         assert report["stages"][1]["density"] == pytest.approx(KEEP if method == "magnitude-svd" else 1.0)
         assert all(type(model.get_submodule(name)).__name__ == "LowRankLinear" for name in targets)
     assert report["final_metrics"] == report["stages"][-1]["metrics"]
+
+
+def test_scores_of_a_random_head_are_refused_unless_asked_for(tmp_path, data_dir, minilm_path, capsys):
+    """The bundled MiniLM folder has no task head: evaluating it, or compressing it with --dense-finetune skip,
+    would report the scores of a randomly initialized classifier."""
+    glue = str(data_dir / "glue")
+    assert main(["evaluate", "--model", str(minilm_path), "--task", "sst2", "--data-dir", glue,
+                 "--max-eval-samples", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "has no trained sst2 head" in err and "classifier.weight" in err and "--allow-random-head" in err
+    assert main(["evaluate", "--model", str(minilm_path), "--task", "sst2", "--data-dir", glue,
+                 "--max-eval-samples", "8", "--max-seq-len", "16", "--allow-random-head", "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
+    argv = compress_argv(data_dir, minilm_path, tmp_path / "out") + ["--dense-finetune", "skip"]
+    assert main(argv) == 2
+    assert "--dense-finetune skip: model" in capsys.readouterr().err and not (tmp_path / "out").exists()

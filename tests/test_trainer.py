@@ -344,7 +344,7 @@ def test_pipeline_cli_tensorboard_scalars(tmp_path, data_dir, minilm_path):
     argv = ["compress", "--model", str(minilm_path), "--task", "sst2", "--keep", "0.5", "--output", str(output),
             "--data-dir", str(data_dir / "glue"), "--max-train-samples", "16", "--max-eval-samples", "16",
             "--max-seq-len", "16", "--batch-size", "8", "--epochs", "1", "--delta-t", "1",
-            "--dense-finetune", "skip", "--blend-fraction", "1.0",
+            "--dense-finetune", "skip", "--allow-random-head", "--blend-fraction", "1.0",
             "--factorization-iters", "2", "--threads", "1", "--no-inspect", "--tensorboard", str(board)]
     assert main(argv) == 0
     report = json.loads((output / "report.json").read_text())

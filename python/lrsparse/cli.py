@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seed of the --max-eval-samples subset (default: the compression run's, else 0)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--allow-random-head", action="store_true",
+                          help="score a plain checkpoint that has no trained head for the task (a random head)")
 
     inspect = commands.add_parser("inspect", help="print the report of a run as tables")
     inspect.add_argument("run", help="run folder (or its report.json)")
@@ -142,7 +144,7 @@ def _model_dir(path: str):
 def _evaluate(args) -> int:
     model_dir = _model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
-                             args.max_seq_len, args.device, args.seed, args.doc_stride)
+                             args.max_seq_len, args.device, args.seed, args.doc_stride, args.allow_random_head)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

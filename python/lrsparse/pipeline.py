@@ -83,6 +83,10 @@ class CompressionRun:
         self.run_dense = config.dense_finetune == "force" or (config.dense_finetune == "auto"
                                                               and not self.head_trained)
         if config.dense_finetune == "skip" and not self.head_trained:
+            if not config.allow_random_head:
+                raise ValueError(f"--dense-finetune skip: model {config.model!r} has no trained {self.task.name} "
+                                 "head, so every score would come from a randomly initialized head; use "
+                                 "--dense-finetune auto, or pass --allow-random-head to do it anyway")
             log.warning("--dense-finetune skip on a model without a trained %s head: its head is random",
                         self.task.name)
         self._set_steps(len(self.train_examples))
@@ -349,9 +353,13 @@ EVALUATION_SETTINGS = ("max_seq_len", "doc_stride", "seed")
 
 def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None = None,
                    max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int | None = None,
-                   device: str = "auto", seed: int | None = None, doc_stride: int | None = None) -> dict:
+                   device: str = "auto", seed: int | None = None, doc_stride: int | None = None,
+                   allow_random_head: bool = False) -> dict:
     """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
     split of ``task``.
+
+    A plain folder without the task's trained head (e.g. a pre-trained encoder) is an error: its head would be
+    randomly initialized and the score meaningless, unless ``allow_random_head``.
 
     ``max_seq_len``, ``doc_stride`` and ``seed`` left as None take the values the compression run saved with the
     model (then 128, max_seq_len // 4 and 0 for a model saved without them); ``task`` must be the run's task.
@@ -380,7 +388,14 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     if compressed:
         model = load_compressed(model_dir)
     else:
-        model = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32)
+        model, loading = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32,
+                                                                 output_loading_info=True)
+        if loading["missing_keys"] and not allow_random_head:
+            missing = sorted(loading["missing_keys"])
+            raise ValueError(
+                f"model in {model_dir} has no trained {spec.name} head (its checkpoint lacks {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}): these weights would be random and the score meaningless. "
+                "Fine-tune it first (lrsparse compress), or pass --allow-random-head to score it anyway")
     spec.check_model(model, str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_tokenizer_fits(tokenizer, model.config, max_seq_len, str(model_dir))

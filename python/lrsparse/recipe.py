@@ -52,6 +52,8 @@ class RecipeConfig:
     seed: int = option(0, "seed of data order, subsets, new heads and the factorization")
     dense_finetune: str = option("auto", "auto: only when the checkpoint has no trained head for the task",
                                  choices=DENSE_FINETUNE_MODES)
+    allow_random_head: bool = option(False, "allow --dense-finetune skip on a model without a trained head for the "
+                                     "task (its scores then come from a random head)")
     # Runtime: not part of the run's identity, may differ on --resume.
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice; 1 is faster on a busy "
