@@ -135,7 +135,12 @@ def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> Non
     task_rows = [r for r in rows if r["task"] == task]
     with line_plot(path, "keep (fraction of target-layer parameters)",
                    f"{task} dev {MAIN_METRIC_NAMES.get(task, 'main')} x 100", f"{task}: mean ± std over seeds") as ax:
-        for preset in sorted({r["preset"] for r in task_rows}):
+        dense = [100 * r["main"] for r in task_rows if r["preset"] == "dense"]
+        if dense:  # a reference level, not a point at keep 1
+            mean, std = statistics.mean(dense), statistics.stdev(dense) if len(dense) > 1 else 0.0
+            ax.axhline(mean, color="black", linestyle="--", label=f"dense (n={len(dense)})")
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+        for preset in sorted({r["preset"] for r in task_rows} - {"dense"}):
             keeps = sorted({r["keep"] for r in task_rows if r["preset"] == preset})
             means, stds = [], []
             for keep in keeps:

@@ -356,3 +356,16 @@ def test_scores_of_a_random_head_are_refused_unless_asked_for(tmp_path, data_dir
     argv = compress_argv(data_dir, minilm_path, tmp_path / "out") + ["--dense-finetune", "skip"]
     assert main(argv) == 2
     assert "--dense-finetune skip: model" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_lrsparse_0_1_is_refused_with_what_to_do(crashed_run, tmp_path, data_dir, minilm_path,
+                                                                capsys):
+    output = tmp_path / "run"
+    shutil.copytree(crashed_run, output)
+    manifest_path = output / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1  # what lrsparse 0.1 wrote
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(compress_argv(data_dir, minilm_path, output, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "is not a version-2 lrsparse checkpoint (found version 1" in err and "--overwrite" in err
