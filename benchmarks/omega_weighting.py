@@ -35,7 +35,7 @@ from lrsparse.factorization import (
     allocate_ranks,
     factorize_matrix,
 )
-from lrsparse.layers import LowRankLinear, _replace_module
+from lrsparse.layers import LowRankLinear, replace_module
 from lrsparse.pruning import FirstOrderPruner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -257,12 +257,12 @@ def zero_shot(model, factors, tokenizer, dev_pairs, max_len) -> float:
     originals = {}
     for name, (U, V) in factors.items():
         originals[name] = model.get_submodule(name)
-        _replace_module(model, name, LowRankLinear.from_factors(U, V, originals[name].bias))
+        replace_module(model, name, LowRankLinear.from_factors(U, V, originals[name].bias))
     try:
         return stsb_spearman(model, tokenizer, dev_pairs, max_len)
     finally:
         for name, module in originals.items():
-            _replace_module(model, name, module)
+            replace_module(model, name, module)
 
 
 def markdown(results: dict) -> str:

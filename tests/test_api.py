@@ -253,3 +253,48 @@ def test_fuzzed_manifest_loads_correctly_or_names_the_field(saved_model, tmp_pat
     ids = random_batches(1, seed=11)[0]["input_ids"]
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     assert not any(isinstance(m, MixedRankLinear) for m in loaded.modules())
+
+
+def test_model_of_an_unregistered_component_still_loads(numpy_svd_factorizer, tmp_path, caplog):
+    """Loading must not depend on the components registered in the loading process: the config is kept as a dict."""
+    config = lrsparse.PRESETS["svd"].replace(keep=0.5, factorizer=NUMPY_SVD)
+    model = tiny_bert(seed=7)
+    compressor = lrsparse.prepare(model, config, total_steps=1)
+    compressor.factorize(total_steps=0)
+    lrsparse.save_compressed(model, tmp_path / "m", config=config, records=compressor.records)
+    registry.unregister("factorizer", NUMPY_SVD)  # as in a process that never registered it
+    loaded = lrsparse.load_compressed(tmp_path / "m")
+    manifest = lrsparse.read_manifest(tmp_path / "m")
+    assert manifest["config"] is None and manifest["config_dict"]["factorizer"] == NUMPY_SVD
+    assert "kept as a dict" in caplog.text
+    ids = random_batches(1, seed=2)[0]["input_ids"]
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_save_refuses_records_that_would_not_load(tmp_path):
+    model = tiny_bert(seed=8)
+    compressor = lrsparse.prepare(model, lrsparse.PRESETS["svd"].replace(keep=0.5), total_steps=1)
+    early = compressor.records  # phase 1: "sparse" records of layers about to be replaced
+    records = compressor.factorize(total_steps=0)
+    records = compressor.records
+    cases = [(early, "sparse record of layer .* does not match"), (records + records[:1], "twice"),
+             ([dataclasses.replace(records[0], bias=False)] + records[1:], "bias=False.* does not match"),
+             (records[1:], "do not describe the model's low-rank layers")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lrsparse.save_compressed(model, tmp_path / "bad", records=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_presets_are_frozen_and_configs_check_regexes_and_types():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lrsparse.PRESETS["lpaf"].keep = 0.9
+    assert lrsparse.PRESETS["lpaf"].keep == 0.25
+    with pytest.raises(ValueError, match=r"targets: '\(' is not a valid regex"):
+        lrsparse.LPAFConfig(targets=["("])
+    from lrsparse.recipe import RecipeConfig
+
+    for field, value, message in [("lr", True, "lr must be a finite number"), ("resume", "no", "resume must be True"),
+                                  ("lr", "1e-4", "lr must be a finite number"), ("model", 3, "model must be")]:
+        with pytest.raises(ValueError, match=message):
+            RecipeConfig.create("sst2", 0.5, "out", **{field: value})

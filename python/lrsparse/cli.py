@@ -57,9 +57,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_default
         if kinds == ["bool"]:
             parser.add_argument(flag, action="store_true", **kwargs)
             continue
-        if kinds[0].startswith("list["):
+        if kinds[0].startswith(("list[", "tuple[")):  # list[str] / tuple[str, ...]: one or more values
             kwargs["nargs"] = meta.get("nargs", "+")
-            kinds = [kinds[0][5:-1]]
+            kinds = [kinds[0][kinds[0].index("[") + 1:-1].split(",")[0]]
         if meta.get("required"):
             kwargs["required"] = True
         elif default is not None and preset_defaults is None:

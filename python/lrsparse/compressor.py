@@ -156,8 +156,8 @@ class Compressor:
         config = self.config
         self._records = factorize_model(
             self.model, config.keep, method=config.factorizer, allocation=config.rank_allocation,
-            rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets if self.pruner is None
-            else None, options=config.factorizer_options(), solver_options=config.solver_options(self.seed),
+            rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets,
+            options=config.factorizer_options(), solver_options=config.solver_options(self.seed),
             min_rank=config.min_rank)
         self.pruner = None  # its statistics are no longer needed
         self.phase = "mixed_rank"
@@ -208,32 +208,39 @@ class Compressor:
                 "records": [r.to_dict() for r in self._records]}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restores a state saved by :meth:`state_dict` into a compressor prepared the same way; in phase 2 the
-        model must already hold the layers of that phase (rebuilt with :func:`lrsparse.records.rebuild_layers`)."""
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"compressor state must be a dict of format {STATE_FORMAT}")
+        """Restores a state saved by :meth:`state_dict` into a fresh compressor for the same model and config (not
+        yet scheduled, or scheduled for the same length); in phase 2 the model must already hold the layers of that
+        phase (rebuilt with :func:`lrsparse.records.rebuild_layers`). Everything is checked before anything
+        changes."""
+        keys = {"format", "config", "phase", "total_steps", "mixed_steps", "pruner", "scheduler", "records"}
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT or not keys <= set(state):
+            raise ValueError(f"compressor state must be a dict of format {STATE_FORMAT} with keys {sorted(keys)}")
         if state["config"] != self.config.to_dict():
             raise ValueError("compressor state was saved with another config")
-        if state["total_steps"] is not None and state["phase"] == "prune":
-            self.schedule(state["total_steps"])
         if state["phase"] not in PHASES:
             raise ValueError(f"compressor state phase must be one of {PHASES}, got {state['phase']!r}")
-        self.phase = state["phase"]
-        self.mixed_steps = state["mixed_steps"]
-        self._records = [LayerRecord.from_dict(r, f"compressor state records[{i}]")
-                         for i, r in enumerate(state["records"])]
-        if self.phase == "prune":
+        if self.phase != "prune" or getattr(self.pruner, "step_count", 0):
+            raise ValueError("load_state_dict needs a fresh compressor (this one has already trained or factorized)")
+        if self.total_steps is not None and state["total_steps"] != self.total_steps:
+            raise ValueError(f"compressor state has total_steps={state['total_steps']}, this compressor "
+                             f"{self.total_steps}")
+        records = [LayerRecord.from_dict(r, f"compressor state records[{i}]") for i, r in enumerate(state["records"])]
+        if state["phase"] == "mixed_rank" and state["scheduler"] is not None and not any(
+                isinstance(m, MixedRankLinear) for m in self.model.modules()):
+            raise ValueError("compressor state is in the mixed-rank phase but the model has no MixedRankLinear "
+                             "layer: rebuild its layers from the checkpoint's records first")
+        if state["phase"] == "prune":
+            if state["total_steps"] is not None and self.total_steps is None:
+                self.schedule(state["total_steps"])
             if (state["pruner"] is None) != (self.pruner is None):
                 raise ValueError("compressor state and config disagree on whether there is a pruner")
             if self.pruner is not None:
                 self.pruner.load_state_dict(state["pruner"])
+            self._records = records
             return
-        self.pruner = None
-        self.scheduler = None
+        self.total_steps, self.mixed_steps, self._records = state["total_steps"], state["mixed_steps"], records
+        self.pruner, self.scheduler, self.phase = None, None, state["phase"]
         if self.phase == "mixed_rank" and state["scheduler"] is not None:
-            if not any(isinstance(m, MixedRankLinear) for m in self.model.modules()):
-                raise ValueError("compressor state is in the mixed-rank phase but the model has no MixedRankLinear "
-                                 "layer: rebuild its layers from the checkpoint's records first")
             self.scheduler = MixedRankScheduler(self.model, self.mixed_steps, blend_fraction=self.config.blend_fraction,
                                                 strategy=self.config.mixed_rank)
             self.scheduler.load_state_dict(state["scheduler"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -49,12 +50,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LPAFConfig:
-    """The compression method. ``lrsparse.PRESETS`` holds the method and its baselines as values of this class."""
+    """The compression method. ``lrsparse.PRESETS`` holds the method and its baselines as values of this class
+    (frozen: derive a variant with :meth:`replace`)."""
 
     keep: float = option(0.25, "fraction of the target layers' parameters to keep, in (0, 1]", required=True)
-    targets: list[str] | None = option(
+    targets: tuple[str, ...] | None = option(
         None, "regexes (re.search) of the linear layers to compress (default: the architecture's attention and "
         "feed-forward projections, see lrsparse.targets)", nargs="+")
     # ------------------------------------------------------------------ pruning during fine-tuning
@@ -90,10 +92,15 @@ class LPAFConfig:
         if not _is_number(self.keep) or not 0.0 < self.keep <= 1.0:
             raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.targets is not None:
-            if isinstance(self.targets, str) or not all(isinstance(t, str) and t for t in self.targets) \
-                    or not self.targets:
+            if isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple)) or not self.targets \
+                    or not all(isinstance(t, str) and t for t in self.targets):
                 raise ValueError(f"targets must be a non-empty list of regex strings or None, got {self.targets!r}")
-            self.targets = list(self.targets)
+            for pattern in self.targets:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"targets: {pattern!r} is not a valid regex ({exc})") from exc
+            object.__setattr__(self, "targets", tuple(self.targets))  # frozen: presets are shared
         for name, kind in (("pruner", "pruner"), ("factorizer", "factorizer"), ("rank_allocation", "rank_allocator")):
             choices = registry_choices(kind, allow_none=name != "rank_allocation")
             if getattr(self, name) not in choices:
@@ -124,6 +131,11 @@ class LPAFConfig:
             if self.pruner == "none":
                 raise ValueError("pruner and factorizer cannot both be 'none': the method would do nothing")
             return
+        field_names = {f.name for f in dataclasses.fields(self)}
+        unknown = {k: v for k, v in registry.FACTORIZERS[self.factorizer].options.items() if v not in field_names}
+        if unknown:
+            raise ValueError(f"factorizer {self.factorizer!r} was registered with options {unknown} naming no "
+                             "LPAFConfig field")
         needs = registry.FACTORIZERS[self.factorizer].needs
         if not needs:
             return
@@ -164,7 +176,10 @@ class LPAFConfig:
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": CONFIG_FORMAT, **dataclasses.asdict(self)}
+        values = dataclasses.asdict(self)
+        if values["targets"] is not None:
+            values["targets"] = list(values["targets"])  # as JSON gives it back
+        return {"format_version": CONFIG_FORMAT, **values}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LPAFConfig":

@@ -414,8 +414,13 @@ def factorize_model(
     else:
         resolved = resolve_targets(model, targets)
     factorizer = FACTORIZERS[method]
-    if "fisher" in factorizer.needs and not getattr(pruner, "track_fisher", False):
-        raise ValueError(f"method {method!r} needs Fisher information: pass a pruner created with track_fisher=True")
+    # A pruner provides what it has a method for (FirstOrderPruner's Fisher statistics only with track_fisher).
+    if "fisher" in factorizer.needs and not (hasattr(pruner, "fisher") and getattr(pruner, "track_fisher", True)):
+        raise ValueError(f"method {method!r} needs Fisher information: pass a pruner with fisher(name) (a "
+                         "FirstOrderPruner created with track_fisher=True)")
+    if "importance" in factorizer.needs and pruner is not None and not hasattr(pruner, "scores"):
+        raise ValueError(f"method {method!r} needs importance scores: pruner {type(pruner).__name__} has no "
+                         "scores(name)")
     options = dict(options or {})
     solver_options = dict(solver_options or {})
 
@@ -436,8 +441,7 @@ def factorize_model(
     def statistics(name: str) -> LayerStatistics:
         # Computed per layer when needed: holding every layer's scores at once would double the model's memory.
         module = resolved[name]
-        importance = pruner.scores(name) if (pruner is not None and "importance" in factorizer.needs
-                                             and hasattr(pruner, "scores")) else None
+        importance = pruner.scores(name) if (pruner is not None and "importance" in factorizer.needs) else None
         fisher = pruner.fisher(name) if "fisher" in factorizer.needs else None
         # out_in_weight(module, None) is the weight itself: absent statistics must stay None.
         return LayerStatistics(layer_masks[name], None if importance is None else out_in_weight(module, importance),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,9 @@ from lrsparse.config import LPAFConfig
 from lrsparse.distributed import is_main_process
 from lrsparse.layers import MixedRankLinear
 from lrsparse.records import LayerRecord, rebuild_layers, records_of
+from lrsparse.targets import is_target_layer, linear_shape
+
+log = logging.getLogger("lrsparse.io")
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -59,24 +63,40 @@ def _shared_storage_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _checked_records(model: nn.Module, records) -> list[LayerRecord]:
-    """``records`` (default: those of the model's low-rank modules) checked against the model's modules."""
+    """``records`` (default: those of the model's low-rank modules) checked against the model: each low-rank one
+    must match its module field by field, each sparse one name an original linear layer, none twice, and every
+    low-rank module of the model must have one (a manifest that would not load back is refused here)."""
     present = {r.name: r for r in records_of(model)}
     if records is None:
         return list(present.values())
     records = list(records)
+    checked, seen = [], set()
     for record in records:
         if not isinstance(record, LayerRecord):
             raise TypeError(f"records must be LayerRecord objects, got {type(record).__name__}")
+        if record.name in seen:
+            raise ValueError(f"records name layer {record.name!r} twice")
+        seen.add(record.name)
         if record.kind == "sparse":
+            try:
+                module = model.get_submodule(record.name)
+            except AttributeError as exc:
+                raise ValueError(f"record of layer {record.name!r}: the model has no such module") from exc
+            if not is_target_layer(module) or linear_shape(module) != (record.in_features, record.out_features):
+                raise ValueError(f"sparse record of layer {record.name!r} does not match the model's {module}")
+            checked.append(record)
             continue
+        record = dataclasses.replace(record, kind="low-rank", masked=False) if record.kind == "mixed" else record
         found = present.get(record.name)
-        if found is None or found.rank != record.rank or found.kind != "low-rank":
-            raise ValueError(f"record of layer {record.name!r} (rank {record.rank}) does not match the model's "
-                             f"{'missing layer' if found is None else found}")
-    missing = sorted(set(present) - {r.name for r in records})
+        shape = ("in_features", "out_features", "rank", "bias", "kind")
+        if found is None or any(getattr(found, key) != getattr(record, key) for key in shape):
+            raise ValueError(f"record of layer {record.name!r} ({', '.join(f'{k}={getattr(record, k)}' for k in shape)})"
+                             f" does not match the model's {'missing layer' if found is None else found}")
+        checked.append(record)
+    missing = sorted(set(present) - seen)
     if missing:
         raise ValueError(f"records do not describe the model's low-rank layers {missing}")
-    return [dataclasses.replace(r, kind="low-rank", masked=False) if r.kind == "mixed" else r for r in records]
+    return checked
 
 
 def save_compressed(
@@ -182,11 +202,18 @@ def _read_manifest(path: Path) -> dict:
     names = [r.name for r in manifest["records"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path} is corrupted: layers name a module twice")
+    # The method's config describes how the weights were made; it never blocks loading them. A config that this
+    # process cannot rebuild (a component registered only where the model was compressed, a newer field) is
+    # kept as the raw dict under "config_dict", with "config" None and a warning.
     raw_config = manifest.get("lpaf_config")
-    try:
-        manifest["config"] = None if raw_config is None else LPAFConfig.from_dict(raw_config)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is corrupted: lpaf_config: {exc}") from exc
+    if raw_config is not None and not isinstance(raw_config, dict):
+        raise ValueError(f"{path} is corrupted: lpaf_config must be an object or null")
+    manifest["config_dict"], manifest["config"] = raw_config, None
+    if raw_config is not None:
+        try:
+            manifest["config"] = LPAFConfig.from_dict(raw_config)
+        except (ValueError, TypeError) as exc:
+            log.warning("%s: lpaf_config not rebuilt as an LPAFConfig here (%s); kept as a dict", path, exc)
     tied = manifest.get("tied_weights", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise ValueError(f"{path} is corrupted: tied_weights must be an object of name -> name")
@@ -194,8 +221,9 @@ def _read_manifest(path: Path) -> dict:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest a :func:`save_compressed` folder holds: ``config`` (its LPAFConfig, None for models saved
-    without one), ``records`` (its LayerRecords), ``extra``."""
+    """The manifest a :func:`save_compressed` folder holds: ``config`` (its LPAFConfig; None for models saved
+    without one, or whose config this process cannot rebuild: then ``config_dict`` has it), ``records`` (its
+    LayerRecords), ``extra``."""
     return _read_manifest(Path(directory) / LAYERS_FILE)
 
 

@@ -276,7 +276,7 @@ class CompressionRun:
                 (self.output_dir / "report.json").unlink(missing_ok=True)
                 shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
-            targets = self._compressor(state.model).targets  # what the method will compress, for the counts
+            targets = Compressor(state.model, self.lpaf).targets  # what the method will compress, for the counts
             dense = count_parameters(state.model, list(targets), sparse=False)
             manifest = {"format_version": CHECKPOINT_FORMAT, "config": config.identity(), "dense_params": dense,
                         "stages": [], "completed": False}

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lrsparse.config import PRESETS, LPAFConfig, option
+from lrsparse.config import PRESETS, LPAFConfig, _is_number, option
 from lrsparse.modeling import default_model, resolve_device
 from lrsparse.tasks import TASK_NAMES, resolve_task
 
@@ -100,6 +100,21 @@ class RecipeConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad option (cheap checks only: no files, no model)."""
+        for name in ("task", "output_dir", "model", "method", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("data_dir", "tensorboard_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        for name in ("resume", "overwrite", "allow_random_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in ("dense_epochs", "prune_epochs", "mixed_epochs"):
+            if getattr(self, name) is not None and not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
         task = resolve_task(self.task)
         for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES)):
             if getattr(self, name) not in choices:

@@ -1,7 +1,8 @@
 """Registries of the method's components: factorizers, rank allocators and pruners.
 
 A component is one decorated function in one file. Registering it makes its name a valid :class:`~lrsparse.config
-.LPAFConfig` value and a CLI choice (the CLI reads the registries when it builds its parser)::
+.LPAFConfig` value and a CLI choice of any parser built afterwards (the CLI reads the registries when it builds its
+parser: register in your script, then call ``lrsparse.cli.main``)::
 
     @lrsparse.register_factorizer("my-svd")
     def my_svd(weight, rank, stats, *, max_iters, tol, seed):
@@ -59,9 +60,9 @@ class RankAllocator:
 
 @dataclass(frozen=True)
 class Pruner:
-    """``fn(model, final_density, total_steps, targets, config) -> object`` with ``step()``, ``masks``,
-    ``density()``, ``state_dict()``, ``load_state_dict()``, plus ``scores(name)`` / ``fisher(name)`` for the
-    statistics it ``provides``."""
+    """``fn(model, final_density, total_steps, targets, config) -> object`` with ``step()`` (after each optimizer
+    step), ``masks`` (name -> bool keep-mask, in the weight's layout), ``density()``, ``state_dict()``,
+    ``load_state_dict()``, plus ``scores(name)`` / ``fisher(name)`` for the statistics it ``provides``."""
 
     name: str
     fn: Callable

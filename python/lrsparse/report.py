@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPORT_FORMAT = 1
+# 2: layers are LayerRecord dicts (factorizer, kind, masked, bias); 1: lrsparse 0.1 (layers had "method").
+REPORT_FORMAT = 2
 PARAM_KEYS = ("target_dense", "target_compressed", "non_embedding_dense", "non_embedding_compressed", "total_dense",
               "total_compressed")
 LAYER_KEYS = ("name", "in_features", "out_features", "density", "rank")
