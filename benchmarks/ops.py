@@ -10,61 +10,18 @@ take at the measured limit: bytes moved / bandwidth for memory-bound ops, flops 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tb
 
-import lrsparse
 from lrsparse import ops, reference
+from machine import machine_info, measure_bandwidth_gbps, measure_gemm_gflops, median_ms
 
 DEVICE = "cpu"
-
-
-def median_ms(fn, min_run_time: float) -> float:
-    fn()  # warm-up (first-call allocations, lazy init)
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lrsparse_build": dict(lrsparse.BUILD_INFO),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    try:
-        model = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        info["cpu_model"] = model[0].split(":", 1)[1].strip() if model else ""
-    except OSError:
-        pass
-    return info
-
-
-def measure_bandwidth_gbps(min_run_time: float) -> float:
-    """Large tensor copy: bytes read + bytes written per second."""
-    src = torch.randn(64 * 1024 * 1024 // 4 * 4)  # 256 MiB, far beyond the caches
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), min_run_time)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-
-
-def measure_gemm_gflops(min_run_time: float) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    ms = median_ms(lambda: torch.mm(a, b), min_run_time)
-    return 2 * 2048**3 / (ms * 1e-3) / 1e9
 
 
 class Bench:

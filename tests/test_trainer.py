@@ -389,3 +389,22 @@ def test_example_script_compresses_and_saves_a_loadable_model(tmp_path, data_dir
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert len(layers) == len(manifest["records"]) == 36
     assert [m.rank for m in layers] == [r.rank for r in manifest["records"]]
+
+
+def test_both_phases_train_under_trainer_bf16(tmp_path):
+    """TrainingArguments(bf16=True): Trainer's autocast reaches the mixed-rank layers (their forward runs in bf16
+    through the op's autocast rule) while the weights, their gradients and the pruner's state stay fp32."""
+    model = tiny_bert()
+    compressor = lrsparse.prepare(model, CONFIG)
+    callback = CompressorCallback(compressor)
+    tiny_trainer(model, tmp_path, [callback], bf16=True).train()
+    assert compressor.density() == pytest.approx(FINAL, abs=1e-3)
+    compressor.factorize()
+    output_dtypes = []
+    for module in model.modules():
+        if isinstance(module, MixedRankLinear):
+            module.register_forward_hook(lambda m, args, out: output_dtypes.append(out.dtype))
+    tiny_trainer(model, tmp_path, [callback], steps=8, bf16=True).train()
+    assert compressor.phase == "done" and output_dtypes and set(output_dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=None,
                           help="seed of the --max-eval-samples subset (default: the compression run's, else 0)")
     evaluate.add_argument("--device", default="auto")
+    add_dataclass_arguments(evaluate, RecipeConfig, only=("precision",))
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--allow-random-head", action="store_true",
                           help="score a plain checkpoint that has no trained head for the task (a random head)")
@@ -144,7 +145,8 @@ def _model_dir(path: str):
 def _evaluate(args) -> int:
     model_dir = _model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
-                             args.max_seq_len, args.device, args.seed, args.doc_stride, args.allow_random_head)
+                             args.max_seq_len, args.device, args.seed, args.doc_stride, args.allow_random_head,
+                             args.precision)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -34,6 +34,38 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+# Autocast dtype of each mixed precision ("fp32": no autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raises ValueError when ``precision`` cannot run on ``device``."""
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ValueError(f"precision must be one of {['fp32', *AUTOCAST_DTYPES]}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device (it trains with a gradient scaler, and fp16 matrix "
+                         "products on a CPU are slower than fp32): use precision 'bf16' on a CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision 'bf16' is not supported by the GPU of {device}: use 'fp16'")
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (a GPU with bf16 support, a CPU with avx512_bf16 or
+    AMX); elsewhere bf16 products are emulated, many times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of ``precision`` on ``device`` (disabled for "fp32")."""
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+                          enabled=precision != "fp32")
+
+
 def has_trained_head(model_config, task: GlueTask | Task) -> bool:
     """Whether the checkpoint already holds a trained head of the task's kind and size."""
     return resolve_task(task).has_trained_head(model_config)

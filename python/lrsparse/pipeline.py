@@ -39,8 +39,8 @@ from lrsparse.data import PaddingCollator
 from lrsparse.distributed import is_main_process
 from lrsparse.factorization import FactorizationError
 from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
-from lrsparse.modeling import (check_tokenizer_fits, count_parameters, load_model_config, load_task_model,
-                               quiet_transformers, resolve_device)
+from lrsparse.modeling import (check_precision, check_tokenizer_fits, count_parameters, has_fast_bf16,
+                               load_model_config, load_task_model, quiet_transformers, resolve_device)
 from lrsparse.recipe import RecipeConfig
 from lrsparse.records import LayerRecord, rebuild_layers, records_of
 from lrsparse.report import build_report, plot_report
@@ -284,6 +284,10 @@ class CompressionRun:
                  self.task.name, config.method, config.keep, len(self.train_set), len(self.eval_set),
                  {k: v for k, v in self.steps.items() if k != "finetune"}, self.device)
 
+        if config.precision == "bf16" and not has_fast_bf16(self.device):
+            log.warning("precision bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX): its bf16 matrix "
+                        "products are emulated, many times slower than fp32 (measured 17x per training step on an "
+                        "AVX2-only CPU, benchmarks/results/training_cpu.md)")
         stage_functions = {"dense": self._stage_dense, "prune": self._stage_prune, "finetune": self._stage_prune,
                            "factorize": self._stage_factorize, "mixed_rank": self._stage_mixed_rank}
         for index in range(len(manifest["stages"]), len(self.stage_names)):
@@ -296,7 +300,7 @@ class CompressionRun:
             train_seconds = time.perf_counter() - t0
             with low_rank_only(state.model):
                 metrics = evaluate(state.model, self.eval_set, self.task, config.eval_batch_size, self.collate,
-                                   self.device, desc=f"eval {name}")
+                                   self.device, desc=f"eval {name}", precision=config.precision)
             seconds = time.perf_counter() - t0
             log.info("stage %s done in %.1f s (%.1f s before evaluation): %s", name, seconds, train_seconds,
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -354,7 +358,7 @@ EVALUATION_SETTINGS = ("max_seq_len", "doc_stride", "seed")
 def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None = None,
                    max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int | None = None,
                    device: str = "auto", seed: int | None = None, doc_stride: int | None = None,
-                   allow_random_head: bool = False) -> dict:
+                   allow_random_head: bool = False, precision: str = "fp32") -> dict:
     """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
     split of ``task``.
 
@@ -369,6 +373,7 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
 
     spec = resolve_task(task)
     target_device = resolve_device(device)
+    check_precision(precision, target_device)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
@@ -401,7 +406,7 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     check_tokenizer_fits(tokenizer, model.config, max_seq_len, str(model_dir))
     dataset = spec.tokenize(examples, tokenizer, max_seq_len, doc_stride)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),
-                    target_device, desc=f"eval {spec.name}")
+                    target_device, desc=f"eval {spec.name}", precision=precision)
 
 
 def finetune_dense(config: RecipeConfig, directory: str | os.PathLike) -> dict:
@@ -419,7 +424,7 @@ def finetune_dense(config: RecipeConfig, directory: str | os.PathLike) -> dict:
     run._stage_dense(state, seed_stage(config.seed, 0))
     with low_rank_only(state.model):
         metrics = evaluate(state.model, run.eval_set, run.task, config.eval_batch_size, run.collate, run.device,
-                           desc="eval dense")
+                           desc="eval dense", precision=config.precision)
     directory = Path(directory)
     if not is_main_process():
         return metrics

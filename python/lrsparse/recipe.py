@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrsparse.config import PRESETS, LPAFConfig, _is_number, option
-from lrsparse.modeling import default_model, resolve_device
+from lrsparse.modeling import check_precision, default_model, resolve_device
 from lrsparse.tasks import TASK_NAMES, resolve_task
 
 DENSE_FINETUNE_MODES = ("auto", "force", "skip")
 NONFINITE_GRAD_MODES = ("skip", "error")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class RecipeConfig:
     doc_stride: int | None = option(None, "squad: tokens shared by consecutive windows of a long context "
                                     "(default max-seq-len/4)")
     seed: int = option(0, "seed of data order, subsets, new heads and the factorization")
+    precision: str = option("fp32", "fp32, or mixed precision for training and evaluation: bf16 (autocast; master "
+                            "weights, optimizer and importance state stay fp32) or fp16 (CUDA only, with a gradient "
+                            "scaler)", choices=list(PRECISIONS))
     dense_finetune: str = option("auto", "auto: only when the checkpoint has no trained head for the task",
                                  choices=DENSE_FINETUNE_MODES)
     allow_random_head: bool = option(False, "allow --dense-finetune skip on a model without a trained head for the "
@@ -116,7 +120,8 @@ class RecipeConfig:
             if getattr(self, name) is not None and not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
         task = resolve_task(self.task)
-        for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES)):
+        for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -159,7 +164,7 @@ class RecipeConfig:
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        resolve_device(self.device)
+        check_precision(self.precision, resolve_device(self.device))
         if self.tensorboard_dir is not None:
             from lrsparse.scalars import summary_writer_class
 

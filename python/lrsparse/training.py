@@ -1,6 +1,7 @@
 """The training loop of every stage (one flat loop, top to bottom) and evaluation.
 
-Each step: forward, backward, clip and apply the gradients (a step with non-finite loss or gradients is skipped),
+Each step: forward (under autocast for bf16/fp16), backward (fp16: of the scaled loss, then unscaled), clip and apply
+the gradients (a step with non-finite loss or gradients is skipped),
 ``compressor.step(optimizer)`` (pruning, or the mixed-rank schedule), zero the gradients, advance the LR schedule,
 and every ``checkpoint_every`` steps hand the loop's state to ``save_progress`` so a killed run continues exactly.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from lrsparse.checkpoint import CheckpointError
 from lrsparse.layers import MixedRankLinear
+from lrsparse.modeling import autocast
 from lrsparse.tasks import resolve_task
 
 log = logging.getLogger("lrsparse.training")
@@ -129,6 +131,9 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
     step, before the gradients are cleared; it gets the optimizer because the mixed-rank schedule drops the sparse
     weights from it. Steps with a non-finite loss are skipped and counted; so are steps with non-finite gradients,
     unless ``config.nonfinite_grads`` is "error" (FloatingPointError naming the step and the parameters).
+    ``config.precision`` "bf16"/"fp16" runs the forward under autocast (the model's weights, the optimizer and the
+    compressor's state stay fp32); fp16 scales the loss with a GradScaler, and a step whose scaled gradients
+    overflow is skipped (counted in ``overflow_steps``) while the scale backs off, as ``GradScaler.step`` does.
 
     Every ``config.checkpoint_every`` steps ``save_progress(training_state)`` gets what is needed, besides the model
     and the compressor, to continue exactly (optimizer, LR schedule, data position, RNG, counters); ``resume`` is
@@ -138,11 +143,12 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     scheduler = _linear_schedule(optimizer, steps, config.warmup_ratio)
     batches = _BatchStream(dataset, config.batch_size, collate, stage_seed)
-    counters = {"step": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "loss_sum": 0.0}
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    counters = {"step": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "overflow_steps": 0, "loss_sum": 0.0}
 
     def training_state() -> dict:
         return {"counters": dict(counters), "optimizer": _optimizer_state(optimizer, model),
-                "lr_scheduler": scheduler.state_dict(),
+                "lr_scheduler": scheduler.state_dict(), "grad_scaler": None if scaler is None else scaler.state_dict(),
                 "batches": batches.state_dict(), "rng": _rng_state(device)}
 
     if resume is not None:
@@ -152,6 +158,8 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
         scheduler.load_state_dict(resume["lr_scheduler"])
         batches.load_state_dict(resume["batches"])
         counters.update(resume["counters"])
+        if scaler is not None and resume.get("grad_scaler") is not None:
+            scaler.load_state_dict(resume["grad_scaler"])
         _set_rng_state(resume["rng"], device)
         log.info("%s: resuming at step %d of %d", desc, counters["step"], steps)
     with _progress(steps, desc) as bar:
@@ -159,13 +167,21 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
         while counters["step"] < steps:
             step = counters["step"] + 1
             batch = _to_device(next(batches), device)
-            loss = model(**batch).loss
+            with autocast(config.precision, device):
+                loss = model(**batch).loss
             if not torch.isfinite(loss):
                 counters["skipped_steps"] += 1
                 log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))
             else:
-                loss.backward()
-                if _apply_gradients(model, optimizer, config, desc, step):
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                applied = _apply_gradients(model, optimizer, config, desc, step, overflow_expected=scaler is not None)
+                if scaler is not None:
+                    scaler.update()  # backs the scale off after an overflow, grows it after a run of good steps
+                if applied:
                     if compressor is not None:
                         compressor.step(optimizer)
                     counters["loss_sum"] += loss.item()
@@ -173,7 +189,7 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                         _write_step_scalars(writer, desc, step, loss.item(), compressor)
                 else:
                     counters["skipped_steps"] += 1
-                    counters["nonfinite_grad_steps"] += 1
+                    counters["overflow_steps" if scaler is not None else "nonfinite_grad_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             counters["step"] = step
@@ -184,7 +200,8 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                 save_progress(training_state())
     done = steps - counters["skipped_steps"]
     return {"steps": steps, "skipped_steps": counters["skipped_steps"],
-            "nonfinite_grad_steps": counters["nonfinite_grad_steps"], "mean_loss": counters["loss_sum"] / max(1, done)}
+            "nonfinite_grad_steps": counters["nonfinite_grad_steps"], "overflow_steps": counters["overflow_steps"],
+            "mean_loss": counters["loss_sum"] / max(1, done)}
 
 
 def _write_step_scalars(writer, desc: str, step: int, loss: float, compressor) -> None:
@@ -198,15 +215,19 @@ def _write_step_scalars(writer, desc: str, step: int, loss: float, compressor) -
 
 
 def _apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, config, desc: str,
-                     step: int) -> bool:
+                     step: int, overflow_expected: bool = False) -> bool:
     """Clips and applies the gradients; returns False (nothing applied) when they are not all finite.
 
     A non-finite gradient would turn every weight into NaN through the clipping factor and Adam's moments, so such
-    a step is skipped, or with ``nonfinite_grads="error"`` raises naming the step and the parameters.
+    a step is skipped, or with ``nonfinite_grads="error"`` raises naming the step and the parameters. Under fp16
+    loss scaling (``overflow_expected``) an overflow is the scaler's normal probing: skipped quietly.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     total_norm = nn.utils.get_total_norm([p.grad for p in params])
     if not bool(torch.isfinite(total_norm)):
+        if overflow_expected:
+            log.debug("%s step %d: fp16 gradient overflow, step skipped, loss scale reduced", desc, step)
+            return False
         names = [name for name, p in model.named_parameters()
                  if p.grad is not None and not bool(p.grad.isfinite().all())]
         if config.nonfinite_grads == "error":
@@ -236,8 +257,8 @@ def low_rank_only(model: nn.Module):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, task, batch_size: int, collate, device: torch.device,
-             desc: str = "eval") -> dict:
-    """Task metrics (with "main") of ``model`` on ``dataset``."""
+             desc: str = "eval", precision: str = "fp32") -> dict:
+    """Task metrics (with "main") of ``model`` on ``dataset`` (forward under the autocast of ``precision``)."""
     task = resolve_task(task)
     was_training = model.training
     model.eval()
@@ -246,7 +267,8 @@ def evaluate(model: nn.Module, dataset, task, batch_size: int, collate, device: 
     with _progress(len(loader), desc) as bar:
         for batch in loader:
             inputs = {key: value for key, value in batch.items() if key not in task.label_names}
-            result = model(**_to_device(inputs, device))
+            with autocast(precision, device):
+                result = model(**_to_device(inputs, device))
             for name, batches in outputs.items():
                 batches.append(result[name].float().cpu())
             bar.update(1)
