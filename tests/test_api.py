@@ -82,7 +82,8 @@ def test_presets_say_what_they_need():
 def test_registering_a_name_twice_is_an_error(numpy_svd_factorizer):
     with pytest.raises(ValueError, match="already registered"):
         lrsparse.register_factorizer(NUMPY_SVD)(lambda *a, **k: None)
-    with pytest.raises(ValueError, match=r"needs must be a subset of \('importance', 'fisher'\)"):
+    with pytest.raises(ValueError,
+                       match=r"needs must be a subset of \('importance', 'fisher', 'input_covariance'\)"):
         lrsparse.register_factorizer("other", needs=("hessian",))
 
 

@@ -12,6 +12,7 @@ The public API (see the README's "Python API" and "Architecture" sections)::
 from lrsparse import ops  # loads the compiled extension and registers fakes and autograd
 from lrsparse.compressor import Compressor, prepare
 from lrsparse.config import PRESETS, LPAFConfig
+from lrsparse.distillation import Distiller
 from lrsparse.io import load_compressed, read_manifest, save_compressed
 from lrsparse.layers import LowRankLinear, MixedRankLinear, replace_module
 from lrsparse.ops import BUILD_INFO
@@ -24,5 +25,5 @@ __all__ = [
     "LPAFConfig", "PRESETS", "prepare", "Compressor",
     "register_factorizer", "register_rank_allocator", "register_pruner",
     "save_compressed", "load_compressed", "read_manifest", "LayerRecord", "replace_module",
-    "LowRankLinear", "MixedRankLinear",
+    "LowRankLinear", "MixedRankLinear", "Distiller",
 ]

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from lrsparse.activation import input_covariances
 from lrsparse.config import LPAFConfig
 from lrsparse.factorization import factorize_model
 from lrsparse.layers import MixedRankLinear, MixedRankScheduler, finalize_low_rank
@@ -139,11 +140,13 @@ class Compressor:
             if self.scheduler.finalized:
                 self._converted()
 
-    def factorize(self, total_steps: int | None = None) -> list[LayerRecord]:
+    def factorize(self, total_steps: int | None = None, calibration: Iterable[Mapping] | None = None
+                  ) -> list[LayerRecord]:
         """Ends phase 1: every target becomes a MixedRankLinear holding its factorization (ranks from the rank
         allocator) beside its pruned weight; ``total_steps`` is the length of phase 2 (0: convert right away; None:
-        set later by :meth:`schedule`). Build the phase-2 optimizer after this call: the factors are new
-        parameters."""
+        set later by :meth:`schedule`). An activation-aware factorizer fits each layer's outputs on
+        ``calibration``, batches of model inputs (about ``config.calibration_samples`` training examples). Build the
+        phase-2 optimizer after this call: the factors are new parameters."""
         if self.phase != "prune":
             raise RuntimeError(f"factorize() ends the pruning phase; the compressor is in phase {self.phase!r}")
         if not self.config.factorizes:
@@ -154,11 +157,17 @@ class Compressor:
         if total_steps is not None:
             _check_steps(total_steps, "total_steps", 0)
         config = self.config
+        covariances = None
+        if config.calibrates:
+            if calibration is None:
+                raise ValueError(f"factorizer {config.factorizer!r} fits each layer's outputs: pass calibration= "
+                                 f"(batches of model inputs, e.g. {config.calibration_samples} training examples)")
+            covariances = input_covariances(self.model, self.targets, calibration)
         self._records = factorize_model(
             self.model, config.keep, method=config.factorizer, allocation=config.rank_allocation,
             rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets,
             options=config.factorizer_options(), solver_options=config.solver_options(self.seed),
-            min_rank=config.min_rank)
+            min_rank=config.min_rank, input_covariances=covariances)
         self.pruner = None  # its statistics are no longer needed
         self.phase = "mixed_rank"
         if total_steps is not None:

@@ -82,6 +82,10 @@ class LPAFConfig:
                                   registry_of="rank_allocator")
     rank_multiple: int = option(1, "round ranks down to a multiple of this (e.g. 8 for tensor cores)")
     min_rank: int = option(1, "rank floor of every layer (may exceed a layer's share of the budget)")
+    calibration_samples: int = option(256, "training examples whose layer inputs calibrate an activation-aware "
+                                      "factorizer (their input covariance)")
+    activation_damping: float = option(0.01, "activation-aware factorizers: ridge added to the input covariance, as a "
+                                       "fraction of its mean diagonal (keeps rarely used input directions fitted)")
     # ------------------------------------------------------------------ mixed-rank fine-tuning
     mixed_rank: str = option("blend", "how the sparse path hands over to U V: blend (alpha ramps 0 -> 1), "
                              "stochastic (per-forward choice with probability alpha), none (low-rank only)",
@@ -117,7 +121,9 @@ class LPAFConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.initial_warmup_fraction + self.final_warmup_fraction >= 1.0:
             raise ValueError("initial_warmup_fraction + final_warmup_fraction must be < 1 (no steps left to prune)")
-        for name in ("delta_t", "factorization_iters", "rank_multiple", "min_rank"):
+        if not _is_number(self.activation_damping) or self.activation_damping < 0:
+            raise ValueError(f"activation_damping must be >= 0, got {self.activation_damping!r}")
+        for name in ("delta_t", "factorization_iters", "rank_multiple", "min_rank", "calibration_samples"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not _is_number(self.factorization_tol) or self.factorization_tol < 0:
@@ -136,7 +142,8 @@ class LPAFConfig:
         if unknown:
             raise ValueError(f"factorizer {self.factorizer!r} was registered with options {unknown} naming no "
                              "LPAFConfig field")
-        needs = registry.FACTORIZERS[self.factorizer].needs
+        # Calibration statistics come from factorize(calibration=...), not from the pruning stage.
+        needs = [n for n in registry.FACTORIZERS[self.factorizer].needs if n in registry.PRUNER_STATISTICS]
         if not needs:
             return
         source = self.statistics_pruner()
@@ -160,9 +167,14 @@ class LPAFConfig:
         density 1 when the factorizer needs statistics (it then collects them without pruning), else None."""
         if self.prunes:
             return self.pruner
-        if self.factorizes and registry.FACTORIZERS[self.factorizer].needs:
+        if self.factorizes and set(registry.FACTORIZERS[self.factorizer].needs) & set(registry.PRUNER_STATISTICS):
             return "first-order"
         return None
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether factorization needs calibration inputs (an activation-aware factorizer)."""
+        return self.factorizes and "input_covariance" in registry.FACTORIZERS[self.factorizer].needs
 
     def factorizer_options(self) -> dict[str, Any]:
         """Keyword options of the factorizer, read from the fields its registration names."""

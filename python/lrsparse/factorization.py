@@ -270,6 +270,7 @@ def factorize_matrix(
     mask: Tensor | None = None,
     importance: Tensor | None = None,
     fisher_rows: Tensor | None = None,
+    input_covariance: Tensor | None = None,
     *,
     max_iters: int = 100,
     tol: float = 1e-6,
@@ -279,7 +280,8 @@ def factorize_matrix(
     """Rank-``rank`` factors ``U (m x r)``, ``V (r x n)`` of ``weight`` (in its dtype) by the registered
     factorizer ``method``; ``options`` are its own keyword options (e.g. the omega weighting of "sparsity-aware").
 
-    ``mask``/``importance`` feed the sparsity-aware omega; ``fisher_rows`` is required by "fwsvd".
+    ``mask``/``importance`` feed the sparsity-aware omega; ``fisher_rows`` is required by "fwsvd",
+    ``input_covariance`` (in x in) by the activation-aware factorizers.
     ``max_iters``/``tol``/``seed`` go to ops.weighted_lowrank's EM.
     """
     if method not in FACTORIZERS:
@@ -295,7 +297,7 @@ def factorize_matrix(
         raise TypeError(f"options {unknown} do not apply to method {method!r} (its options: "
                         f"{sorted(factorizer.options) or 'none'})")
     work = weight.detach().float().contiguous()
-    stats = LayerStatistics(mask, importance, fisher_rows)
+    stats = LayerStatistics(mask, importance, fisher_rows, input_covariance)
     U, V = factorizer.fn(work, rank, stats, max_iters=max_iters, tol=tol, seed=seed, **options)
     return U.to(weight.dtype).contiguous(), V.to(weight.dtype).contiguous()
 
@@ -383,6 +385,7 @@ def factorize_model(
     options: Mapping | None = None,
     solver_options: Mapping | None = None,
     min_rank: int = 1,
+    input_covariances: Mapping[str, Tensor] | None = None,
 ) -> list[LayerRecord]:
     """Replaces each target nn.Linear (or GPT-2 Conv1D) by a MixedRankLinear holding its rank-r factorization by
     the registered factorizer ``method``; returns one :class:`~lrsparse.records.LayerRecord` per layer.
@@ -393,7 +396,9 @@ def factorize_model(
     ``keep * m * n`` (dense), then at least ``min_rank``. The statistics a factorizer ``needs`` come from
     ``pruner``: importance from ``pruner.scores``, Fisher from ``pruner.fisher`` (a pruner with final_density=1
     collects them without pruning). ``options`` are the factorizer's own options, ``solver_options``
-    max_iters/tol/seed of the weighted fit. Create the optimizer for mixed-rank fine-tuning after this call.
+    max_iters/tol/seed of the weighted fit, ``input_covariances`` (name -> in x in, from
+    :func:`lrsparse.activation.input_covariances`) what activation-aware factorizers need. Create the optimizer
+    for mixed-rank fine-tuning after this call.
     A Conv1D target (weight stored ``in x out``; its mask and statistics in that layout) gets a MixedRankLinear in
     the ``out x in`` orientation: its sparse path is a new Parameter holding the transposed weight.
     """
@@ -421,6 +426,10 @@ def factorize_model(
     if "importance" in factorizer.needs and pruner is not None and not hasattr(pruner, "scores"):
         raise ValueError(f"method {method!r} needs importance scores: pruner {type(pruner).__name__} has no "
                          "scores(name)")
+    if "input_covariance" in factorizer.needs and (input_covariances is None
+                                                  or not set(resolved) <= set(input_covariances)):
+        raise ValueError(f"method {method!r} needs the input covariance of every target: pass input_covariances "
+                         "(lrsparse.activation.input_covariances over calibration batches)")
     options = dict(options or {})
     solver_options = dict(solver_options or {})
 
@@ -444,8 +453,9 @@ def factorize_model(
         importance = pruner.scores(name) if (pruner is not None and "importance" in factorizer.needs) else None
         fisher = pruner.fisher(name) if "fisher" in factorizer.needs else None
         # out_in_weight(module, None) is the weight itself: absent statistics must stay None.
+        covariance = input_covariances[name] if "input_covariance" in factorizer.needs else None
         return LayerStatistics(layer_masks[name], None if importance is None else out_in_weight(module, importance),
-                               None if fisher is None else out_in_weight(module, fisher))
+                               None if fisher is None else out_in_weight(module, fisher), covariance)
 
     spectra = None
     if RANK_ALLOCATORS[allocation].needs_spectra:
@@ -460,7 +470,7 @@ def factorize_model(
         stats = statistics(name)
         try:
             U, V = factorize_matrix(weight, ranks[name], method, stats.mask, stats.importance, stats.fisher,
-                                    **solver_options, **options)
+                                    stats.input_covariance, **solver_options, **options)
         except Exception as error:
             arguments = {"rank": ranks[name], "method": method, **solver_options, **options}
             inputs = {"weight": weight, "mask": stats.mask, "importance": stats.importance, "fisher": stats.fisher}

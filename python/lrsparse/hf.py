@@ -37,6 +37,12 @@ masks; :func:`lrsparse.distributed.check_same_across_ranks` verifies it at each 
 TensorBoard events. Phase 2 drops the sparse weights from the model when alpha reaches 1; DDP then sees parameters
 without gradients, which ``find_unused_parameters`` (Trainer's default for transformers models) handles.
 
+Distillation: :class:`DistillationTrainer` is a ``Trainer`` whose training loss is a
+:class:`~lrsparse.distillation.Distiller`'s objective (evaluation keeps the task loss)::
+
+    teacher = copy.deepcopy(model)  # the dense fine-tuned model, before phase 1
+    DistillationTrainer(model=model, args=..., callbacks=[callback], distiller=lrsparse.Distiller(teacher)).train()
+
 TensorBoard (``tensorboard_dir``): ``pruning/density``, ``pruning/scheduled_density``, ``mixed_rank/alpha``,
 ``<phase>/train/<logged value>`` (loss, learning rate, ...), ``<phase>/eval/<metric>`` (phase: pruning, mixed_rank).
 """
@@ -45,9 +51,10 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Mapping
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from lrsparse.compressor import Compressor
+from lrsparse.distillation import Distiller
 from lrsparse.layers import LowRankLinear, MixedRankLinear
 from lrsparse.scalars import open_summary_writer, summary_writer_class
 
@@ -303,3 +310,24 @@ class CompressorCallback(TrainerCallback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` training on ``distiller``'s objective; the teacher follows the model to its device."""
+
+    def __init__(self, *args, distiller: Distiller, **kwargs):
+        if not isinstance(distiller, Distiller):
+            raise TypeError(f"distiller must be an lrsparse.Distiller, got {type(distiller).__name__}")
+        super().__init__(*args, **kwargs)
+        self.distiller = distiller
+        # The objective is a mean over the batch: Trainer must divide it by the gradient-accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training:  # evaluation and prediction: the task loss and outputs
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        device = next(model.parameters()).device
+        if next(self.distiller.teacher.parameters()).device != device:
+            self.distiller.teacher.to(device)
+        return self.distiller(model, inputs)

@@ -18,6 +18,7 @@ every stage seeds the RNGs from (seed, stage index), so a resumed run repeats an
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -36,6 +37,7 @@ from lrsparse.checkpoint import CHECKPOINT_FORMAT, CheckpointError, CheckpointSt
     config_differences
 from lrsparse.compressor import Compressor, prepare
 from lrsparse.data import PaddingCollator
+from lrsparse.distillation import Distiller
 from lrsparse.distributed import is_main_process
 from lrsparse.factorization import FactorizationError
 from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
@@ -48,6 +50,10 @@ from lrsparse.tasks import resolve_task
 from lrsparse.training import evaluate, low_rank_only, seed_stage, steps_for, train
 
 log = logging.getLogger("lrsparse.pipeline")
+
+# Frozen teachers of the distillation objective, kept beside the checkpoint while the run needs them: a resumed stage
+# must distill from the same teacher, and the run's states hold only the student's latest weights.
+TEACHER_FILES = {"dense": "teacher_dense.safetensors", "pruned": "teacher_pruned.safetensors"}
 
 # Called with (run, record) after every committed checkpoint (stage ends and intra-stage ones; ``record["step"]``
 # is set for the latter): e.g. to copy the checkpoint elsewhere, or by tests to stop a run at a known point.
@@ -90,6 +96,7 @@ class CompressionRun:
             log.warning("--dense-finetune skip on a model without a trained %s head: its head is random",
                         self.task.name)
         self._set_steps(len(self.train_examples))
+        self._teachers: dict[str, nn.Module] = {}
 
     def _set_steps(self, train_size: int) -> None:
         config = self.config
@@ -154,12 +161,62 @@ class CompressionRun:
         return prepare(model, self.lpaf, self.steps["prune"], seed=self.config.seed)
 
     # --------------------------------------------------------------------------------------------- stages
-    def _train(self, state: _RunState, stage: str, steps: int, stage_seed: int, compressor=None) -> dict:
-        """``train`` for the stage in progress, continuing ``state.training`` and checkpointing along the way."""
+    def _train(self, state: _RunState, stage: str, steps: int, stage_seed: int, compressor=None,
+               teacher: str | None = None) -> dict:
+        """``train`` for the stage in progress, continuing ``state.training`` and checkpointing along the way;
+        with distillation on, ``teacher`` names the frozen model the stage distills from."""
         resume, state.training = state.training, None
         save = None if self._save_progress is None else functools.partial(self._save_progress, state)
-        return train(state.model, self.train_set, self.config, steps, stage_seed, stage, self.collate, self.device,
-                     compressor=compressor, resume=resume, save_progress=save, writer=self.writer)
+        distiller = self._distiller(teacher, state) if teacher is not None and self.config.distills else None
+        stats = train(state.model, self.train_set, self.config, steps, stage_seed, stage, self.collate, self.device,
+                      compressor=compressor, resume=resume, save_progress=save, writer=self.writer,
+                      distiller=distiller)
+        if distiller is not None:
+            stats.update(teacher=teacher, teacher_seconds=distiller.teacher_seconds,
+                         teacher_bytes=distiller.teacher_bytes)
+        return stats
+
+    def _calibration_batches(self, seed: int):
+        """A seeded subset of ``calibration_samples`` training examples, in evaluation batches (None when the
+        factorizer does not calibrate)."""
+        if not self.lpaf.calibrates:
+            return None
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.train_set), generator=generator)[:self.lpaf.calibration_samples].tolist()
+        size = self.config.eval_batch_size
+        return [self.collate([self.train_set[i] for i in order[start:start + size]])
+                for start in range(0, len(order), size)]
+
+    # --------------------------------------------------------------------------------------------- teachers
+    def _freeze_teacher(self, state: _RunState, kind: str) -> None:
+        """The current model becomes the frozen teacher ``kind``, in memory and in the checkpoint folder."""
+        teacher = copy.deepcopy(state.model).eval().requires_grad_(False)
+        self._teachers = {kind: teacher}  # a teacher no later stage uses is freed
+        if is_main_process():
+            from safetensors.torch import save_model
+
+            path = self.store.directory / TEACHER_FILES[kind]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            save_model(teacher, str(partial))
+            os.replace(partial, path)
+
+    def _distiller(self, kind: str, state: _RunState) -> Distiller:
+        teacher = self._teachers.get(kind)
+        if teacher is None:  # a resumed stage: the teacher frozen when the stage first started
+            from safetensors.torch import load_model
+
+            path = self.store.directory / TEACHER_FILES[kind]
+            if not path.is_file():
+                raise CheckpointError(f"distillation teacher {path} is missing: the checkpoint cannot continue with "
+                                      "distillation; rerun without --resume")
+            teacher = self.task.auto_model_class().from_config(state.model.config)
+            load_model(teacher, str(path), device=str(self.device))
+            self._teachers = {kind: teacher.to(self.device)}
+        regression = getattr(state.model.config, "problem_type", None) == "regression"
+        return Distiller(teacher, weight=self.config.distill_weight, temperature=self.config.distill_temperature,
+                         hidden_weight=self.config.distill_hidden_weight, outputs=self.task.output_names,
+                         regression=regression)
 
     def _stage_dense(self, state: _RunState, stage_seed: int) -> dict:
         if self.steps["dense"] == 0:
@@ -171,14 +228,19 @@ class CompressionRun:
         # A resumed intra-stage checkpoint brings its compressor (with the pruner's state); otherwise a new one.
         if state.compressor is None:
             state.compressor = self._compressor(state.model)
+            if self.config.distills:  # the stage starts from the dense fine-tuned model: it is the teacher
+                self._freeze_teacher(state, "dense")
         name = "prune" if self.lpaf.prunes else "finetune"
-        stats = self._train(state, name, self.steps["prune"], stage_seed, state.compressor)
+        stats = self._train(state, name, self.steps["prune"], stage_seed, state.compressor, teacher="dense")
         density = state.compressor.density()
         return dict(stats, **({} if density is None else {"density": density}))
 
     def _stage_factorize(self, state: _RunState, stage_seed: int) -> dict:
+        if self.config.distills and self.config.distill_teacher == "pruned":
+            self._freeze_teacher(state, "pruned")
         try:
-            records = state.compressor.factorize(total_steps=self.steps["mixed_rank"])
+            records = state.compressor.factorize(total_steps=self.steps["mixed_rank"],
+                                                 calibration=self._calibration_batches(stage_seed))
         except FactorizationError as error:
             # The prune checkpoint is intact: keep the failing inputs beside it and say how to continue.
             if is_main_process():
@@ -193,7 +255,8 @@ class CompressionRun:
         if steps == 0:
             state.compressor.convert()
             return {"steps": 0}
-        stats = self._train(state, "mixed_rank", steps, stage_seed, state.compressor)
+        stats = self._train(state, "mixed_rank", steps, stage_seed, state.compressor,
+                            teacher=self.config.distill_teacher)
         state.compressor.convert()  # no-op when alpha reached 1 (blend_fraction < 1)
         return stats
 
@@ -333,6 +396,8 @@ class CompressionRun:
         atomic_write_json(self.store.manifest_path, manifest)
         # The saved model supersedes the last stage's state; the manifest keeps every stage's record.
         self.store.remove_states(manifest)
+        for filename in TEACHER_FILES.values():
+            (self.store.directory / filename).unlink(missing_ok=True)
         log.info("saved %s (%d bytes) and %s", model_dir, report["checkpoint_bytes"], self.output_dir / "report.json")
         _write_report_plot(report, self.output_dir / "report.png")
         return report

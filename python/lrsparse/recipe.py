@@ -18,6 +18,7 @@ from lrsparse.tasks import TASK_NAMES, resolve_task
 DENSE_FINETUNE_MODES = ("auto", "force", "skip")
 NONFINITE_GRAD_MODES = ("skip", "error")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DISTILL_TEACHERS = ("dense", "pruned")
 
 
 @dataclass
@@ -51,6 +52,15 @@ class RecipeConfig:
     doc_stride: int | None = option(None, "squad: tokens shared by consecutive windows of a long context "
                                     "(default max-seq-len/4)")
     seed: int = option(0, "seed of data order, subsets, new heads and the factorization")
+    distill_weight: float = option(0.0, "distillation from the dense fine-tuned model in the pruning and mixed-rank "
+                                   "stages: weight of the loss on the teacher's outputs (soft targets; squared error "
+                                   "for regression), the task loss gets 1 - weight (0: none)")
+    distill_temperature: float = option(2.0, "softmax temperature of the teacher's soft targets")
+    distill_hidden_weight: float = option(0.0, "weight of the layer-wise loss matching every layer's hidden states to "
+                                          "the teacher's (relative squared error; 0: none)")
+    distill_teacher: str = option("dense", "teacher of the mixed-rank stage: the dense fine-tuned model (also the "
+                                  "pruning stage's) or the pruned model as it leaves the pruning stage",
+                                  choices=list(DISTILL_TEACHERS))
     precision: str = option("fp32", "fp32, or mixed precision for training and evaluation: bf16 (autocast; master "
                             "weights, optimizer and importance state stay fp32) or fp16 (CUDA only, with a gradient "
                             "scaler)", choices=list(PRECISIONS))
@@ -113,7 +123,8 @@ class RecipeConfig:
         for name in ("resume", "overwrite", "allow_random_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs"):
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "distill_weight",
+                     "distill_temperature", "distill_hidden_weight"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         for name in ("dense_epochs", "prune_epochs", "mixed_epochs"):
@@ -121,7 +132,7 @@ class RecipeConfig:
                 raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
         task = resolve_task(self.task)
         for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("distill_teacher", DISTILL_TEACHERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -157,6 +168,12 @@ class RecipeConfig:
         for name in ("weight_decay", "max_grad_norm"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if self.distill_hidden_weight < 0:
+            raise ValueError(f"distill_hidden_weight must be >= 0, got {self.distill_hidden_weight!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -179,6 +196,10 @@ class RecipeConfig:
         values.pop("epochs")
         values["lpaf"] = self.lpaf.to_dict()
         return values
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     def stage_names(self) -> list[str]:
         names = ["dense", "prune" if self.lpaf.prunes else "finetune"]

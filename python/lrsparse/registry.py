@@ -10,7 +10,8 @@ parser: register in your script, then call ``lrsparse.cli.main``)::
         return U, V
 
 What the rest of the method needs from a component is declared at registration, never tested by name: a
-factorizer's ``needs`` ("importance", "fisher") decide whether the pruning stage must collect those statistics; a
+factorizer's ``needs`` ("importance", "fisher") decide whether the pruning stage must collect those statistics
+("input_covariance": whether factorization needs calibration inputs, see :mod:`lrsparse.activation`); a
 pruner's ``provides`` says which it collects; an allocator's ``needs_spectra`` whether singular values are
 computed for it.
 """
@@ -21,7 +22,9 @@ from typing import Callable, Mapping
 
 from torch import Tensor
 
-STATISTICS = ("importance", "fisher")
+PRUNER_STATISTICS = ("importance", "fisher")  # collected by a pruner during the first training stage
+CALIBRATION_STATISTICS = ("input_covariance",)  # collected by a forward pass over calibration inputs
+STATISTICS = PRUNER_STATISTICS + CALIBRATION_STATISTICS
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class LayerStatistics:
     mask: Tensor | None = None
     importance: Tensor | None = None
     fisher: Tensor | None = None
+    input_covariance: Tensor | None = None  # E[x x^T] of the layer's inputs (in x in, float64)
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,11 @@ def _check_name(name: str, registry: dict, kind: str) -> None:
         raise ValueError(f"a {kind} named {name!r} is already registered")
 
 
-def _check_statistics(values, argument: str) -> tuple[str, ...]:
+def _check_statistics(values, argument: str, allowed: tuple[str, ...] = STATISTICS) -> tuple[str, ...]:
     values = tuple(values)
-    unknown = [v for v in values if v not in STATISTICS]
+    unknown = [v for v in values if v not in allowed]
     if unknown:
-        raise ValueError(f"{argument} must be a subset of {STATISTICS}, got {unknown}")
+        raise ValueError(f"{argument} must be a subset of {allowed}, got {unknown}")
     return values
 
 
@@ -116,7 +120,7 @@ def register_rank_allocator(name: str, *, needs_spectra: bool = False):
 def register_pruner(name: str, *, provides=()):
     """Decorator registering a pruning schedule under ``name`` (see :class:`Pruner`)."""
     _check_name(name, PRUNERS, "pruner")
-    provides = _check_statistics(provides, "provides")
+    provides = _check_statistics(provides, "provides", PRUNER_STATISTICS)
 
     def decorate(fn: Callable) -> Callable:
         PRUNERS[name] = Pruner(name, fn, provides)
@@ -136,5 +140,6 @@ def unregister(kind: str, name: str) -> None:
 
 def load_builtin_components() -> None:
     """Imports the modules whose decorators register the built-in components."""
+    import lrsparse.activation  # noqa: F401  activation-aware factorizers
     import lrsparse.factorization  # noqa: F401  factorizers and rank allocators
     import lrsparse.pruning  # noqa: F401  pruners (imported by factorization too; named for clarity)

@@ -124,7 +124,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sa
 
 def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: str, collate, device: torch.device,
           compressor=None, resume: dict | None = None, save_progress: Callable[[dict], None] | None = None,
-          writer=None) -> dict:
+          writer=None, distiller=None) -> dict:
     """``steps`` AdamW steps with linear warmup/decay; ``config`` is the run's :class:`~lrsparse.recipe.RecipeConfig`.
 
     ``compressor.step(optimizer)`` (a :class:`~lrsparse.compressor.Compressor`, or None) runs after each optimizer
@@ -138,6 +138,7 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
     Every ``config.checkpoint_every`` steps ``save_progress(training_state)`` gets what is needed, besides the model
     and the compressor, to continue exactly (optimizer, LR schedule, data position, RNG, counters); ``resume`` is
     such a state. ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` and the density or alpha per step.
+    ``distiller`` (a :class:`~lrsparse.distillation.Distiller`) replaces the task loss by the distillation objective.
     """
     model.train()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
@@ -168,7 +169,7 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
             step = counters["step"] + 1
             batch = _to_device(next(batches), device)
             with autocast(config.precision, device):
-                loss = model(**batch).loss
+                loss = model(**batch).loss if distiller is None else distiller(model, batch)
             if not torch.isfinite(loss):
                 counters["skipped_steps"] += 1
                 log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))

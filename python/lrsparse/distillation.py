@@ -1,0 +1,115 @@
+"""Knowledge distillation from a frozen teacher: the training objective of the pruning and mixed-rank stages.
+
+``loss = (1 - weight) * task_loss + weight * output_loss + hidden_weight * hidden_loss`` where
+
+* ``output_loss`` compares the student's task outputs with the teacher's: for class scores the KL divergence of the
+  temperature-softened distributions times ``temperature**2`` (Hinton et al. 2015: keeps the gradient scale of the
+  soft targets independent of the temperature), for a regression score (STS-B) the squared error; for question
+  answering the start and end logits are two distributions over positions, their losses averaged;
+* ``hidden_loss`` matches the hidden states of every layer (the embeddings' output and each encoder layer's), each
+  as the relative squared error ``||h_s - h_t||^2 / ||h_t||^2`` over the real (unpadded) tokens, averaged over the
+  layers: scale-free, so one weight suits every layer and model width. The compressed layers change exactly what
+  these states are computed from, so this is the layer-wise signal that tells each block what it should compute.
+
+The teacher runs without gradients, in eval mode (no dropout), under the same autocast as the student.
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the last dimension, averaged over rows."""
+    student = student.float().reshape(-1, student.shape[-1])
+    teacher = teacher.float().reshape(-1, teacher.shape[-1])
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def hidden_state_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], attention_mask: Tensor | None) -> Tensor:
+    """Mean over layers of ``||h_s - h_t||^2 / ||h_t||^2`` over the tokens whose attention mask is 1."""
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} hidden states, teacher {len(teacher)}: distillation of hidden "
+                         "states needs the same number of layers")
+    losses = []
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
+        if s.shape != t.shape:
+            raise ValueError(f"student hidden state of shape {tuple(s.shape)} differs from the teacher's "
+                             f"{tuple(t.shape)}")
+        if attention_mask is not None:
+            keep = attention_mask.to(s.dtype).unsqueeze(-1)
+            s, t = s * keep, t * keep
+        losses.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(losses).mean()
+
+
+class Distiller:
+    """The distillation objective around a frozen ``teacher``: ``distiller(student, batch)`` runs both models on
+    ``batch`` and returns the combined loss (see the module docstring).
+
+    ``outputs`` names the model outputs to match ("logits", or "start_logits"/"end_logits" for question
+    answering); ``regression`` matches a single score by squared error instead of soft targets. ``teacher_seconds``
+    accumulates the time spent in the teacher's forward, ``last_parts`` holds the last step's loss terms.
+    """
+
+    def __init__(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
+                 outputs: Sequence[str] = ("logits",), regression: bool = False) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight!r}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight, self.temperature, self.hidden_weight = float(weight), float(temperature), float(hidden_weight)
+        self.outputs, self.regression = tuple(outputs), bool(regression)
+        self.teacher_seconds = 0.0
+        self.last_parts: dict[str, Tensor] = {}
+
+    @property
+    def teacher_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.teacher.state_dict().values())
+
+    def _output_loss(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
+        losses = []
+        for name in self.outputs:
+            s, t = student[name], teacher[name]
+            if self.regression:
+                losses.append(F.mse_loss(s.float(), t.float()))
+            else:
+                losses.append(soft_target_loss(s, t, self.temperature))
+        return torch.stack(losses).mean()
+
+    def __call__(self, student: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        hidden = self.hidden_weight > 0
+        result = student(**batch, output_hidden_states=hidden)
+        if self.weight == 0 and not hidden:
+            self.last_parts = {"task": result.loss.detach()}
+            return result.loss
+        start = time.perf_counter()
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+            reference = self.teacher(**inputs, output_hidden_states=hidden)
+        self.teacher_seconds += time.perf_counter() - start
+        loss = (1.0 - self.weight) * result.loss if self.weight < 1 else result.loss.new_zeros(())
+        parts = {"task": result.loss.detach()}
+        if self.weight > 0:
+            output_loss = self._output_loss(result, reference)
+            loss = loss + self.weight * output_loss
+            parts["output"] = output_loss.detach()
+        if hidden:
+            hidden_loss = hidden_state_loss(result.hidden_states, reference.hidden_states,
+                                            batch.get("attention_mask"))
+            loss = loss + self.hidden_weight * hidden_loss
+            parts["hidden"] = hidden_loss.detach()
+        self.last_parts = parts
+        return loss
