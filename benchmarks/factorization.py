@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import machine_info
+    from machine import machine_info, save_report
     from transformers import AutoTokenizer
 
     device = torch.device("cpu")
@@ -139,12 +139,7 @@ def main(argv=None) -> dict:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "output_errors"}), flush=True)
     report = {"machine": machine_info(), "task": args.task, "model": args.model, "rows": rows,
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}}
-    text = to_markdown(report)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    save_report(report, to_markdown(report), args.json, args.markdown)
     return report
 
 

@@ -178,7 +178,7 @@ def main(argv=None):
         args.rounds, args.min_time = 2, 0.3
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import machine_info
+    from machine import machine_info, save_report
 
     from lrsparse.io import load_compressed
     from lrsparse.layers import LowRankLinear
@@ -203,12 +203,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     report = {"machine": machine_info(), "seq_len": args.seq_len, "rounds": args.rounds, "keeps": args.keeps,
               "quick": args.quick, "linear_share": share, "results": rows}
-    text = to_markdown(report)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    save_report(report, to_markdown(report), args.json, args.markdown)
     return report
 
 

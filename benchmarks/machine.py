@@ -1,8 +1,9 @@
-"""What the benchmarks measure the machine with: its description, copy bandwidth and GEMM rate (in the same run as
-the numbers they put in context), and the median timer they all use."""
+"""What the benchmarks share: the machine (its description, copy bandwidth and GEMM rate, measured in the same run as
+the numbers they put in context), the median timer, and writing a report."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 from pathlib import Path
@@ -50,3 +51,12 @@ def measure_gemm_gflops(min_run_time: float, dtype: torch.dtype = torch.float32)
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     ms = median_ms(lambda: torch.mm(a, b), min_run_time)
     return 2 * 2048**3 / (ms * 1e-3) / 1e9
+
+
+def save_report(report: dict, text: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Prints the markdown ``text`` and writes the report as JSON and markdown where asked."""
+    print(text)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        markdown_path.write_text(text)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ from lrsparse.modeling import default_model, load_task_model
 from lrsparse.recipe import RecipeConfig
 from lrsparse.tasks import resolve_task
 from lrsparse.training import train
-from machine import machine_info, measure_gemm_gflops
+from machine import machine_info, measure_gemm_gflops, save_report
 
 STAGES = ("dense", "prune", "mixed_rank", "low_rank")
 PRECISIONS = ("fp32", "bf16")
@@ -187,12 +186,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.rounds, args.steps, args.warmup_steps = 2, 3, 4
     report = run(args)
-    text = to_markdown(report)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    save_report(report, to_markdown(report), args.json, args.markdown)
 
 
 if __name__ == "__main__":
