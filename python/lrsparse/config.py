@@ -91,6 +91,9 @@ class LPAFConfig:
                              "stochastic (per-forward choice with probability alpha), none (low-rank only)",
                              choices=MIXED_RANK_STRATEGIES)
     blend_fraction: float = option(0.5, "fraction of mixed-rank fine-tuning over which alpha goes 0 -> 1")
+    mixed_rank_match: float = option(0.0, "weight of a per-layer loss pulling each layer's low-rank output toward "
+                                     "its sparse path's on the same input during mixed-rank fine-tuning (relative "
+                                     "squared error, mean over layers); > 0 freezes the sparse path as that teacher")
 
     def __post_init__(self) -> None:
         if not _is_number(self.keep) or not 0.0 < self.keep <= 1.0:
@@ -121,6 +124,8 @@ class LPAFConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.initial_warmup_fraction + self.final_warmup_fraction >= 1.0:
             raise ValueError("initial_warmup_fraction + final_warmup_fraction must be < 1 (no steps left to prune)")
+        if not _is_number(self.mixed_rank_match) or self.mixed_rank_match < 0:
+            raise ValueError(f"mixed_rank_match must be >= 0, got {self.mixed_rank_match!r}")
         if not _is_number(self.activation_damping) or self.activation_damping < 0:
             raise ValueError(f"activation_damping must be >= 0, got {self.activation_damping!r}")
         for name in ("delta_t", "factorization_iters", "rank_multiple", "min_rank", "calibration_samples"):
