@@ -210,6 +210,27 @@ def test_topk_rejects_mixed_devices():
         ops.global_topk_threshold(ema, unc, None, 5)
 
 
+@pytest.mark.parametrize("value_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("threshold,ties,pattern", [
+    (math.nan, 1, r"threshold must not be NaN"),
+    (0.5, -1, r"ties_to_keep must be non-negative, got -1"),
+])
+def test_apply_rejects_bad_threshold_values_like_the_cpu_kernel(value_device, threshold, ties, pattern):
+    ema, unc, masks = topk_state(True, True, False, CUDA)
+    weights = [torch.randn(e.shape, device=CUDA) for e in ema]
+    before = [m.clone() for m in masks] + [w.clone() for w in weights]
+    threshold_t = torch.tensor(threshold, device=value_device)
+    ties_t = torch.tensor(ties, device=value_device)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.apply_threshold_mask_(masks, weights, ema, unc, threshold_t, ties_t)
+    # The CPU kernel raises the same error (the behavior being matched) ...
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.apply_threshold_mask_([m.cpu() for m in masks], [w.cpu() for w in weights], [e.cpu() for e in ema],
+                                  [u.cpu() for u in unc], threshold_t.cpu(), ties_t.cpu())
+    # ... and neither changes anything before refusing.
+    assert all(torch.equal(a, b) for a, b in zip(masks + weights, before))
+
+
 def test_topk_opcheck():
     ema, unc, masks = topk_state(True, True, True, CUDA)
     k = live_count(ema, masks) // 3
