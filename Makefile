@@ -7,7 +7,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 DATA_DIR ?= $(if $(LRSPARSE_DATA_DIR),$(LRSPARSE_DATA_DIR),../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: venv install dev test test-fast demo cuda-check bench-ops clean
+.PHONY: venv install dev test test-fast demo cuda-check cuda-build bench-ops clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,42 @@ cuda-check:
 	    [ -e "$$f" ] || continue; echo "nvcc -c $$f"; \
 	    nvcc -std=c++17 -arch=sm_80 -gencode arch=compute_90,code=sm_90 -Icsrc -c "$$f" -o /tmp/lrsparse_$$(basename $$f).o || exit 1; \
 	done
+
+# The whole extension built against a CUDA torch, without a GPU: a separate venv with torch 2.14.1 (served here as the
+# CUDA 13.0 build, matching nvcc 13.0), lrsparse built with LRSPARSE_CUDA=ON, checked to carry CUDA kernels, and the
+# test suite run against it (the CUDA op tests skip without a GPU; LRSPARSE_EXPECT_CUDA_BUILD=1 makes a build without
+# CUDA kernels fail the suite instead of skipping). The venv is made once (stamp file) and the CMake build directory
+# build/cuda is kept, so a second run recompiles only what changed. CUDA_ARCHITECTURES=80;90 adds sm_80.
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_ARCHITECTURES ?= 90
+CUDA_CONSTRAINT := PIP_CONSTRAINT=$(CURDIR)/constraints-cuda.txt
+
+$(CUDA_VENV)/.deps: constraints-cuda.txt
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_CONSTRAINT) $(CUDA_PY) -m pip install --upgrade pip
+	$(CUDA_CONSTRAINT) $(CUDA_PY) -m pip install torch==2.14.1 "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja numpy
+	$(CUDA_PY) -c "import sys, torch; sys.exit(None if torch.version.cuda else 'cuda-build: torch ' + torch.__version__ + ' in $(CUDA_VENV) is not a CUDA build')"
+	touch $@
+
+cuda-build: | $(CUDA_VENV)/.deps
+	LRSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(CUDA_CONSTRAINT) \
+	    $(CUDA_PY) -m pip install --no-build-isolation -Cbuild-dir=build/cuda \
+	    "-Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES)" ".[test,data,plot,export,hf,tensorboard]"
+	cd tests && $(abspath $(CUDA_PY)) -c "$$CUDA_BUILD_CHECK"
+	cd tests && LRSPARSE_EXPECT_CUDA_BUILD=1 LRSPARSE_DATA_DIR=$(abspath $(DATA_DIR)) ../$(CUDA_PY) -m pytest -q $(PYTEST_ARGS)
+
+# Run from tests/ so that the installed lrsparse is imported, not the source tree's python/ (which has no _C).
+define CUDA_BUILD_CHECK
+import sys, torch, lrsparse
+ops = ["accumulate_importance_", "global_topk_threshold", "apply_threshold_mask_", "weighted_lowrank",
+       "mixed_rank_linear", "mixed_rank_linear_backward"]
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("lrsparse::" + n, "CUDA")]
+if not lrsparse.BUILD_INFO["cuda"] or missing:
+    sys.exit(f"cuda-build: BUILD_INFO={lrsparse.BUILD_INFO}, ops without a CUDA kernel: {missing}")
+print(f"cuda-build: torch {torch.__version__}, lrsparse {lrsparse.BUILD_INFO}, CUDA kernels for {len(ops)} ops")
+endef
+export CUDA_BUILD_CHECK
 
 bench-ops: install
 	$(PY) benchmarks/ops.py --json benchmarks/results/ops_cpu.json --markdown benchmarks/results/ops_cpu.md

@@ -6,7 +6,8 @@
 #
 # Needs: a CUDA build of torch and a visible GPU, nvcc on PATH, and the build/test dependencies already installed
 # in that interpreter (scikit-build-core, pybind11, cmake, ninja, pytest, ...): nothing is downloaded.
-# Exit status: 0 only if the build, the CUDA compile check and the tests all passed (benchmarks are informative).
+# Exit status: 0 only if the build, the CUDA compile check, the tests and (when compute-sanitizer is found) the
+# memcheck/racecheck runs all passed (benchmarks are informative).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -54,6 +55,27 @@ step "test suite"
 test_rc=$?
 tail -n 15 "$OUT/pytest.log" >> "$OUT/summary.txt"
 if [ $test_rc -ne 0 ]; then step "FAILED: tests (exit $test_rc, see pytest.log)"; status=1; fi
+
+# The CUDA op tests under compute-sanitizer: memcheck (out-of-bounds and misaligned accesses) over all of them, with
+# torch's caching allocator off so that an overrun past a tensor is not hidden inside a larger cached block;
+# racecheck (shared-memory races) over the kernels that use shared memory (top-k threshold and apply), since it is
+# much slower. Not yet run on a GPU: a report may need judging before it is taken as a kernel bug.
+SANITIZER="$(command -v compute-sanitizer || true)"
+if [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then SANITIZER=/usr/local/cuda/bin/compute-sanitizer; fi
+if [ -n "$SANITIZER" ]; then
+  step "compute-sanitizer memcheck (tests/test_cuda_ops.py)"
+  if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider > "$OUT/memcheck.log" 2>&1; then
+    step "FAILED: memcheck (see memcheck.log)"; status=1
+  fi
+  step "compute-sanitizer racecheck (top-k threshold and apply tests)"
+  if ! "$SANITIZER" --tool racecheck --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider -k "topk or apply" > "$OUT/racecheck.log" 2>&1; then
+    step "FAILED: racecheck (see racecheck.log)"; status=1
+  fi
+else
+  step "NOT RUN: compute-sanitizer not found (PATH, /usr/local/cuda/bin); the sanitizer checks are missing from this result"
+fi
 
 if [ -f benchmarks/ops.py ]; then
   step "op benchmarks"

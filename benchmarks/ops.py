@@ -21,7 +21,7 @@ import torch
 from lrsparse import ops, reference
 from machine import machine_info, measure_bandwidth_gbps, measure_gemm_gflops, median_ms
 
-DEVICE = "cpu"
+DEVICE = torch.device("cpu")  # set by --device; every tensor is made there (torch.set_default_device)
 
 
 class Bench:
@@ -93,7 +93,7 @@ class Bench:
 
         bytes_moved = total * (4 + 4 + 1)  # one read of ema, uncertainty and mask
         peak = {}
-        if not self.args.quick:
+        if not self.args.quick and DEVICE.type == "cpu":  # host RSS of a CPU run; means nothing for device memory
             peak = {
                 "peak_mib_lrsparse": _peak_rss_mib("lrsparse", len(shapes)),
                 "peak_mib_kthvalue_concat": _peak_rss_mib("kthvalue", len(shapes)),
@@ -112,7 +112,7 @@ class Bench:
         def pruned(m: int, n: int) -> torch.Tensor:
             # Pruned like first-order pruning leaves attention/FFN matrices: sparse, with many all-zero rows (their
             # deflation is exact and shrinks the eigenproblem; see csrc/weighted_lowrank_common.cpp).
-            generator = torch.Generator().manual_seed(m + n)
+            generator = torch.Generator(DEVICE).manual_seed(m + n)
             w = _realistic_matrix(m, n) * (torch.rand(m, n, generator=generator) < 0.2)
             w[torch.rand(m, generator=generator) < 0.4] = 0
             return w
@@ -229,7 +229,7 @@ def _bert_state_shapes(layers: int) -> list[tuple[int, int]]:
 
 def _realistic_matrix(m: int, n: int) -> torch.Tensor:
     """A matrix with the slowly decaying spectrum of a fine-tuned weight (power law plus noise)."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(DEVICE).manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=gen))
     v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=gen))
     s = torch.arange(1, min(m, n) + 1, dtype=torch.float32) ** -0.6
@@ -311,7 +311,17 @@ def main(argv=None):
     parser.add_argument("--markdown", type=Path, help="write a markdown table here")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--only", nargs="*", help="run only these ops")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the ops, their references and the machine limits run (default: cpu)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not (torch.cuda.is_available() and ops.BUILD_INFO["cuda"]):
+        parser.error(f"--device cuda needs a visible GPU (torch.cuda.is_available() is {torch.cuda.is_available()}) "
+                     f"and lrsparse built with CUDA kernels (BUILD_INFO['cuda'] is {ops.BUILD_INFO['cuda']})")
+    # Default device rather than a device= on every factory call: the machine limits, the inputs and the
+    # references' temporaries all land on the benchmarked device.
+    torch.set_default_device(DEVICE)
     torch.manual_seed(0)
     bench = Bench(args)
     for name in ["accumulate_importance", "global_topk_threshold", "weighted_lowrank", "mixed_rank_linear"]:

@@ -34,7 +34,8 @@ def compress_argv(data_dir: Path, model: Path, output: Path, *extra: str) -> lis
         "compress", "--model", str(model), "--task", "sst2", "--keep", str(KEEP), "--output", str(output),
         "--data-dir", str(data_dir / "glue"), "--max-train-samples", "32", "--max-eval-samples", "32",
         "--max-seq-len", "32", "--batch-size", "8", "--epochs", "1", "--seed", "3", "--factorization-iters", "5",
-        "--threads", "1", "--no-inspect", *extra,
+        # --device cpu: the resumed run is compared bitwise, which is promised on the CPU only.
+        "--threads", "1", "--no-inspect", "--device", "cpu", *extra,
     ]
 
 

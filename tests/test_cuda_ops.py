@@ -74,6 +74,21 @@ def test_accumulate_importance_bitwise_equal_to_reference(shape, dtype, criterio
                 assert torch.equal(actual[name], expected[name]), name
 
 
+@pytest.mark.parametrize("misaligned", ["ema", "uncertainty", "weight", "grad", "mask", "fisher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_importance_one_misaligned_tensor(misaligned, dtype):
+    # One tensor off alignment at a time: with all of them misaligned at once, a kernel that checked only some of the
+    # pointers would still take the scalar path and pass. (64, 96) is whole vectors, so only the check decides.
+    inputs = importance_inputs((64, 96), dtype, True, True, CUDA)
+    expected = run_importance(reference.accumulate_importance_, inputs, "sensitivity")
+    state = {k: (misaligned_copy(v) if k == misaligned else v.clone()) for k, v in inputs.items()}
+    assert state[misaligned].data_ptr() % 16 != 0
+    ops.accumulate_importance_(state["ema"], state["uncertainty"], state["weight"], state["grad"], state["mask"],
+                               state["fisher"], beta1=0.85, beta2=0.95, beta_fisher=0.99, criterion="sensitivity")
+    for name in ("ema", "uncertainty", "fisher"):
+        assert torch.equal(state[name], expected[name]), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_accumulate_importance_cpu_and_cuda_agree(dtype):
     inputs = importance_inputs((129, 67), dtype, True, True, "cpu")
@@ -154,6 +169,29 @@ def test_topk_threshold_and_apply_match_reference(with_uncertainty, with_masks, 
         assert sum(int(m.sum()) for m in apply_masks) == k  # exactly k survive, ties included
 
 
+def test_apply_tie_cut_beyond_the_first_scan_chunk():
+    # The per-tile tie counts are scanned in chunks of one block (256 tiles of 4096 entries, ~1M entries); the
+    # carry between chunks only matters when the tie budget runs out in a tile past the first chunk.
+    gen = torch.Generator().manual_seed(7)
+    ema = [(torch.randint(-3, 4, shape, generator=gen).float() / 2).to(CUDA) for shape in [(1100, 1200), (37,)]]
+    scores = torch.cat([e.reshape(-1) for e in ema])
+    value = 0.5
+    above, tied = int((scores > value).sum()), int((scores == value).sum())
+    k = above + (9 * tied) // 10  # keeps 90% of the ties at 0.5: the cut lands near tile 290 of 323
+    tied_positions = (scores == value).nonzero().reshape(-1)
+    assert int(tied_positions[k - above - 1]) > 256 * 4096, "the cut must fall past the first scan chunk"
+    threshold, tie_count = check_threshold_against_reference(ema, None, None, k)
+    assert threshold.item() == value and tie_count.item() == k - above
+    masks = [torch.ones_like(e, dtype=torch.bool) for e in ema]
+    weights = [torch.randn(e.shape, generator=gen).to(CUDA) for e in ema]
+    expected_masks, expected_weights = [m.clone() for m in masks], [w.clone() for w in weights]
+    ops.apply_threshold_mask_(masks, weights, ema, None, threshold, tie_count)
+    reference.apply_threshold_mask_(expected_masks, expected_weights, ema, [], threshold.cpu(), tie_count.cpu())
+    for got, want in zip(masks + weights, expected_masks + expected_weights):
+        assert torch.equal(got, want)
+    assert sum(int(m.sum()) for m in masks) == k
+
+
 def test_topk_cpu_and_cuda_agree():
     ema, unc, masks = topk_state(True, True, True, "cpu")
     k = live_count(ema, masks) // 2
@@ -208,6 +246,27 @@ def test_topk_rejects_mixed_devices():
     unc[1] = unc[1].cpu()
     with pytest.raises(RuntimeError, match=r"uncertainty\[1\] must be on the device of ema\[1\]"):
         ops.global_topk_threshold(ema, unc, None, 5)
+
+
+@pytest.mark.parametrize("value_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("threshold,ties,pattern", [
+    (math.nan, 1, r"threshold must not be NaN"),
+    (0.5, -1, r"ties_to_keep must be non-negative, got -1"),
+])
+def test_apply_rejects_bad_threshold_values_like_the_cpu_kernel(value_device, threshold, ties, pattern):
+    ema, unc, masks = topk_state(True, True, False, CUDA)
+    weights = [torch.randn(e.shape, device=CUDA) for e in ema]
+    before = [m.clone() for m in masks] + [w.clone() for w in weights]
+    threshold_t = torch.tensor(threshold, device=value_device)
+    ties_t = torch.tensor(ties, device=value_device)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.apply_threshold_mask_(masks, weights, ema, unc, threshold_t, ties_t)
+    # The CPU kernel raises the same error (the behavior being matched) ...
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.apply_threshold_mask_([m.cpu() for m in masks], [w.cpu() for w in weights], [e.cpu() for e in ema],
+                                  [u.cpu() for u in unc], threshold_t.cpu(), ties_t.cpu())
+    # ... and neither changes anything before refusing.
+    assert all(torch.equal(a, b) for a, b in zip(masks + weights, before))
 
 
 def test_topk_opcheck():
@@ -316,7 +375,9 @@ def assert_close_scaled(actual, expected, dtype, what):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("lead,in_f,out_f,rank", [((3, 5), 13, 7, 3), ((64,), 128, 96, 16)])
+# 13 x 7 with a misaligned mask: scalar path only; 128 x 96: whole vectors; 19 x 11 = 209 entries, aligned: vector
+# body plus a scalar tail (209 is not a multiple of any vector width: 2, 4 or 8 elements per 16 bytes).
+@pytest.mark.parametrize("lead,in_f,out_f,rank", [((3, 5), 13, 7, 3), ((64,), 128, 96, 16), ((2, 3), 19, 11, 4)])
 def test_mixed_rank_linear_matches_reference(dtype, alpha, lead, in_f, out_f, rank):
     inputs = mixed_inputs(lead, in_f, out_f, rank, torch.float64, misaligned_mask=in_f == 13)
     grad_out = torch.randn(*lead, out_f, dtype=torch.float64, device=CUDA)

@@ -80,15 +80,28 @@ std::tuple<at::Tensor, at::Tensor> global_topk_threshold_cuda(at::TensorList ema
   return {threshold, ties_to_keep};
 }
 
-// threshold and ties_to_keep are read on the device (no host round trip), so their values are trusted: they are
-// meant to come from global_topk_threshold. A CPU scalar is accepted and copied over.
+// The value checks of the CPU kernel (csrc/global_topk_threshold_cpu.cpp), same messages. threshold_f32 and ties_i64
+// are on one device; both flags come back in one copy, the op's one synchronization (it runs once per pruning step,
+// right after global_topk_threshold, which synchronizes too). A NaN threshold would compare false everywhere and
+// prune every entry; a negative budget would be read as "no ties" on the device.
+void check_threshold_values(const char* op, const at::Tensor& threshold_f32, const at::Tensor& ties_i64) {
+  const at::Tensor flags = at::stack({threshold_f32.isnan(), ties_i64.lt(0)}).to(at::kCPU);
+  const bool* bad = flags.const_data_ptr<bool>();
+  TORCH_CHECK(!bad[0], op, ": threshold must not be NaN");
+  TORCH_CHECK(!bad[1], op, ": ties_to_keep must be non-negative, got ", ties_i64.item<int64_t>());
+}
+
+// threshold and ties_to_keep are used on the device; a CPU scalar is accepted and copied over.
 void apply_threshold_mask_cuda(at::TensorList masks, at::TensorList weights, at::TensorList ema,
                                at::TensorList uncertainty, const at::Tensor& threshold,
                                const at::Tensor& ties_to_keep) {
   const char* op = "apply_threshold_mask_";
   const ScoreListLayout layout = check_score_lists(op, ema, uncertainty, masks, true);
   check_apply_targets(op, weights, ema, threshold, ties_to_keep);
-  if (ema.empty()) return;
+  if (ema.empty()) {  // nothing to apply, but the values are refused as on the CPU
+    check_threshold_values(op, threshold.to(at::kCPU, at::kFloat), ties_to_keep.to(at::kCPU, at::kLong));
+    return;
+  }
   TORCH_CHECK(ema.size() <= static_cast<size_t>(std::numeric_limits<int>::max()), op, ": too many tensors in ema (",
               ema.size(), ")");
   cuda::check_cuda_tensor(ema[0], "ema[0]");
@@ -101,6 +114,7 @@ void apply_threshold_mask_cuda(at::TensorList masks, at::TensorList weights, at:
   // Compared in float32 like the reference.
   const at::Tensor threshold_f32 = threshold.to(device, at::kFloat);
   const at::Tensor ties_i64 = ties_to_keep.to(device, at::kLong);
+  check_threshold_values(op, threshold_f32, ties_i64);
 
   std::vector<cuda::ScoreSlice> slices = score_slices(ema, uncertainty, masks, layout);
   for (size_t i = 0; i < slices.size(); ++i) {
