@@ -122,16 +122,17 @@ class Compressor:
         if self.scheduler.finalized:  # strategy "none" or blend_fraction 0: low-rank from the start
             self._converted()
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer | None = None, *, grads_finite: bool = False) -> None:
         """After ``optimizer.step()``, before ``optimizer.zero_grad()``, in both phases. Phase 1: importance update,
-        scheduled mask update, masks re-applied. Phase 2: the alpha schedule; pass the phase-2 ``optimizer`` so
-        that the sparse weights leave it (and free their memory) when alpha reaches 1."""
+        scheduled mask update, masks re-applied (``grads_finite=True``: the loop has checked the gradients, so the
+        pruner skips its own check). Phase 2: the alpha schedule; pass the phase-2 ``optimizer`` so that the sparse
+        weights leave it (and free their memory) when alpha reaches 1."""
         if self.phase == "prune":
             if self.total_steps is None:
                 raise RuntimeError("the pruning phase has no length: pass total_steps to prepare() or call "
                                    "schedule(total_steps) before training")
             if self.pruner is not None:
-                self.pruner.step()
+                self.pruner.step(grads_finite=grads_finite)
         elif self.phase == "mixed_rank":
             if self.scheduler is None:
                 raise RuntimeError("the mixed-rank phase has no length: pass total_steps to factorize() or call "

@@ -169,8 +169,11 @@ class FirstOrderPruner:
         return _global_k(self.scheduled_density(last), self.total_params)
 
     # ------------------------------------------------------------------------------------------------ training
-    def step(self) -> None:
-        """Importance update from the current ``.grad`` of each target, scheduled mask update, mask re-apply."""
+    def step(self, grads_finite: bool = False) -> None:
+        """Importance update from the current ``.grad`` of each target, scheduled mask update, mask re-apply.
+
+        ``grads_finite=True`` (the caller has already checked every gradient, as lrsparse's training loop does)
+        skips the pruner's own check, a pass over all target gradients that costs about as much as the update."""
         self.step_count += 1
         grads = {}
         for name, module in self.targets.items():
@@ -181,7 +184,9 @@ class FirstOrderPruner:
                 )
             grads[name] = module.weight.grad
         with torch.no_grad():
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+            # max |g| is inf or NaN exactly when some entry is: one fused pass, no per-entry flags allocated.
+            finite = grads_finite or bool(torch.stack(torch._foreach_norm(list(grads.values()), float("inf")))
+                                          .isfinite().all())
             if finite:
                 self._accumulate(grads)
             elif self.skip_nonfinite:
@@ -349,7 +354,7 @@ class MagnitudePruningSchedule:
         self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in targets.items()}
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grads_finite: bool = False) -> None:
         self.step_count += 1
         self.apply_masks()
         if is_mask_step(self.step_count, self.total_steps, self.initial_warmup, self.final_warmup, self.delta_t):
@@ -380,7 +385,11 @@ class MagnitudePruningSchedule:
 # Pruners of LPAFConfig.pruner: fn(model, final_density, total_steps, targets, config) -> the training-step hook.
 @register_pruner("first-order", provides=("importance", "fisher"))
 def _first_order(model: nn.Module, final_density: float, total_steps: int, targets, config) -> FirstOrderPruner:
-    return FirstOrderPruner(model, final_density, total_steps, targets=targets,
+    from lrsparse.registry import FACTORIZERS
+
+    # The Fisher EMA is a third state tensor per weight to read and write every step: kept only when used.
+    track_fisher = config.factorizes and "fisher" in FACTORIZERS[config.factorizer].needs
+    return FirstOrderPruner(model, final_density, total_steps, targets=targets, track_fisher=track_fisher,
                             initial_warmup_fraction=config.initial_warmup_fraction,
                             final_warmup_fraction=config.final_warmup_fraction, delta_t=config.delta_t,
                             beta1=config.beta1, beta2=config.beta2, beta_fisher=config.beta_fisher,

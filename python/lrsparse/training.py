@@ -186,8 +186,8 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                 if scaler is not None:
                     scaler.update()  # backs the scale off after an overflow, grows it after a run of good steps
                 if applied:
-                    if compressor is not None:
-                        compressor.step(optimizer)
+                    if compressor is not None:  # _apply_gradients has checked that every gradient is finite
+                        compressor.step(optimizer, grads_finite=True)
                     counters["loss_sum"] += loss.item()
                     if writer is not None:
                         _write_step_scalars(writer, desc, step, loss.item(), compressor)
