@@ -62,7 +62,9 @@ def statistics_pruner(model, args, dataset, collate, keep: float | None, device)
         recipe = RecipeConfig.create(args.task, keep, "unused", max_seq_len=args.max_seq_len,
                                      checkpoint_every=0, device=str(device))
         steps = steps_for(args.prune_epochs, len(dataset), recipe.batch_size)
-        compressor = lrsparse.prepare(model, recipe.lpaf, total_steps=steps)
+        # A factorizer that needs Fisher makes the pruner track it: every factorizer then compares on this one
+        # pruned model (the pruning itself does not depend on the factorizer).
+        compressor = lrsparse.prepare(model, recipe.lpaf.replace(factorizer="fwsvd"), total_steps=steps)
         train(model, dataset, recipe, steps, 1, f"prune to {keep}", collate, device, compressor)
         return compressor.pruner
     steps = args.stat_batches
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
     dev_set = task.tokenize(task.load("dev", args.data_dir, None, 0), tokenizer, args.max_seq_len)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
     calibration = batches_of(train_set, order[:args.calibration_samples], 64, collate)
-    held_out = batches_of(train_set, order[-args.calibration_samples:], 64, collate)
+    held_out = batches_of(train_set, order[args.calibration_samples:2 * args.calibration_samples], 64, collate)
     dense = load_task_model(args.model, task, keep_head=True).to(device)
     rows = [{"keep": 1.0, "factorizer": "dense", "main": evaluate(dense, dev_set, task, 64, collate, device)["main"]}]
     print(json.dumps(rows[-1]), flush=True)

@@ -10,6 +10,8 @@ do), then times them in rounds, dense and compressed alternating (torch.utils.be
 tokens (throughput) and batch 1 x 128 (latency); a speedup is the median over rounds of dense time / compressed
 time, so load drifts hit both alike. Scenarios: one worker with 2 threads and with 1 thread alone; two workers at
 once with 1 thread each (one per core: how servers run several workers) and with 2 threads each (oversubscribed).
+With ``--device cuda`` one process measures instead, in bf16 (``--dtype``), each model eager, under ``torch.compile``
+and under CUDA graphs (``torch.compile(mode="reduce-overhead")``), interleaved the same way.
 The ideal speedup assumes the target linears' time shrinks with their multiply-adds and nothing else changes (the
 linears' share of the dense forward is measured with the profiler in the same run).
 """
@@ -75,8 +77,53 @@ def worker(args) -> None:
     print(json.dumps(results), flush=True)
 
 
+def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
+    """Dense against each compressed model on the GPU: eager, compiled and CUDA-graph modes, interleaved rounds."""
+    import torch
+    import torch.utils.benchmark as tb
+    from transformers import AutoModel
+
+    from lrsparse.io import load_compressed
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = torch.device(args.device)
+    models = {"dense": AutoModel.from_pretrained(args.model)}
+    for keep, path in zip(args.keeps, paths):
+        models[f"keep {keep}"] = load_compressed(path)
+    models = {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
+    modes = {"eager": lambda m: m, "compile": torch.compile,
+             "cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead")}
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for batch, label in BATCHES:
+            ids = torch.randint(1000, models["dense"].config.vocab_size, (batch, args.seq_len), generator=gen)
+            inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+            for mode in args.modes:
+                runs = {name: modes[mode](model) for name, model in models.items()}
+                for run in runs.values():  # compilation and graph capture happen here, outside the timings
+                    for _ in range(3):
+                        run(**inputs)
+                times = {name: [] for name in runs}
+                for _ in range(args.rounds):
+                    for name, run in runs.items():
+                        timer = tb.Timer("run(**inputs)", globals={"run": run, "inputs": inputs})
+                        times[name].append(timer.blocked_autorange(min_run_time=args.min_time).median)
+                for keep in args.keeps:
+                    dense, compressed = times["dense"], times[f"keep {keep}"]
+                    speedups = [d / c for d, c in zip(dense, compressed)]
+                    rows.append({"scenario": f"{args.device} {args.dtype} {mode}", "workers": 1, "threads": None,
+                                 "measure": label, "keep": keep, "speedup": statistics.median(speedups),
+                                 "speedup_min": min(speedups), "speedup_max": max(speedups),
+                                 "dense_seq_per_s": batch / statistics.median(dense),
+                                 "compressed_seq_per_s": batch / statistics.median(compressed),
+                                 "linear_flop_ratio": flop_ratio[keep]})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def linear_share(model_path: str, seq_len: int, threads: int) -> float:
-    """Fraction of the dense forward (batch 32) spent in the encoder's linear layers, from the profiler."""
+    """Fraction of the dense forward (batch 32, CPU) spent in the encoder's linear layers, from the profiler."""
     import torch
     from transformers import AutoModel
 
@@ -146,9 +193,11 @@ def to_markdown(report: dict) -> str:
              "| scenario | measure | keep | speedup | ideal | dense seq/s | compressed seq/s |",
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
+        # The linears' share is profiled on the CPU: no ideal is claimed for a GPU row.
         ideal = 1 / (1 - report["linear_share"] * (1 - r["linear_flop_ratio"]))
+        ideal_text = f"{ideal:.2f}x" if report.get("device", "cpu") == "cpu" else "-"
         lines.append(f"| {r['scenario']} | {r['measure']} | {r['keep']} | {r['speedup']:.2f}x "
-                     f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {ideal:.2f}x | {r['dense_seq_per_s']:.1f} | "
+                     f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {ideal_text} | {r['dense_seq_per_s']:.1f} | "
                      f"{r['compressed_seq_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -161,6 +210,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per timing (blocked_autorange)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 0.3 s timings (a few minutes)")
+    parser.add_argument("--device", default="cpu", help="cpu (the worker scenarios) or cuda (one GPU process)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="the GPU measurement (implied by --device cuda), e.g. on the CPU for a dry run")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU only")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compile", "cudagraphs"],
+                        choices=["eager", "compile", "cudagraphs"], help="GPU only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,14 +250,22 @@ def main(argv=None):
             flop_ratio[keep] = (sum(m.rank * (m.in_features + m.out_features) for m in layers)
                                 / sum(m.in_features * m.out_features for m in layers))
         share = linear_share(args.model, args.seq_len, 2)
-        for scenario, workers, threads in SCENARIOS:
+        one_process = args.one_process or args.device != "cpu"
+        if one_process:
+            rows = gpu_measure(args, paths, flop_ratio)
+        for scenario, workers, threads in (() if one_process else SCENARIOS):
             results = run_scenario(args, paths, workers, threads)
             new = summarize(scenario, workers, threads, results, args.keeps, flop_ratio)
             rows += new
             for row in new:
                 print(json.dumps(row), flush=True)
     report = {"machine": machine_info(), "seq_len": args.seq_len, "rounds": args.rounds, "keeps": args.keeps,
-              "quick": args.quick, "linear_share": share, "results": rows}
+              "quick": args.quick, "linear_share": share, "results": rows,
+              "device": "one-process" if one_process else "cpu"}
+    if one_process:
+        import torch
+
+        report["machine"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     save_report(report, to_markdown(report), args.json, args.markdown)
     return report
 

@@ -67,8 +67,9 @@ def majority_score(task: str, data_dir: str) -> float:
 
 
 def machine() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-            f"threads, torch {torch.__version__}, {platform.platform()}")
+            f"threads{gpu}, torch {torch.__version__}, {platform.platform()}")
 
 
 def now() -> str:
@@ -85,29 +86,43 @@ class Results:
         self.majority: dict[str, float] = saved.get("majority", {})
         self.rows: list[dict] = saved.get("rows", [])
 
-    def has(self, task: str, preset: str, keep: float, seed: int, variant: str = "") -> bool:
-        return any((r["task"], r["preset"], r["keep"], r["seed"], r.get("variant", "")) == (task, preset, keep, seed,
-                                                                                           variant) for r in self.rows)
+    def has(self, task: str, preset: str, keep: float, seed: int, variant: str = "", precision: str = "fp32") -> bool:
+        key = (task, preset, keep, seed, variant, precision)
+        return any((r["task"], r["preset"], r["keep"], r["seed"], r.get("variant", ""), r.get("precision", "fp32"))
+                   == key for r in self.rows)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict, render: bool = True) -> None:
         row["degenerate"] = row["main"] <= self.majority[row["task"]] + DEGENERATE_MARGIN
         self.rows.append(row)
-        self.save()
+        self.save(render)
 
-    def save(self) -> None:
+    def merge(self, other: Path) -> int:
+        """Adds the rows of another results file (e.g. a GPU run's) that this one lacks; returns how many."""
+        saved = json.loads(other.read_text())
+        self.majority.update(saved.get("majority", {}))
+        new = [r for r in saved.get("rows", []) if not self.has(r["task"], r["preset"], r["keep"], r["seed"],
+                                                               r.get("variant", ""), r.get("precision", "fp32"))]
+        self.rows += new
+        return len(new)
+
+    def save(self, render: bool = True) -> None:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, self.json_path)
+        if not render:  # e.g. on a GPU machine, whose results come back as few files as possible
+            return
         self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
         for task in sorted({r["task"] for r in self.rows}):
             plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
 
 
 def method(row: dict) -> str:
-    """The preset, with its recipe variant when it has one (e.g. lpaf+kd)."""
-    return row["preset"] + (f"+{row['variant']}" if row.get("variant") else "")
+    """The preset, with its recipe variant and a precision other than fp32 (e.g. lpaf+kd, svd (bf16))."""
+    precision = row.get("precision", "fp32")
+    return (row["preset"] + (f"+{row['variant']}" if row.get("variant") else "")
+            + ("" if precision == "fp32" else f" ({precision})"))
 
 
 def mean_std(values: list[float]) -> str:
@@ -184,6 +199,13 @@ def main(argv=None):
     parser.add_argument("--work-dir", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="add the rows of these results files (e.g. a GPU run's quality_<task>.json) to --out")
+    parser.add_argument("--no-render", action="store_true", help="write the JSON only (no markdown or plots)")
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="cap every task's training set (dry runs only: rows record train_examples)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="cap the dev sets (dry runs only: such rows are not full-dev results)")
     parser.add_argument("--variant", default="", help="name of the recipe variant below (rows and tables)")
     parser.add_argument("--distill-weight", type=float, default=0.0)
     parser.add_argument("--distill-hidden-weight", type=float, default=0.0)
@@ -193,15 +215,21 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     recipe_options = {"distill_weight": args.distill_weight, "distill_hidden_weight": args.distill_hidden_weight,
-                      "distill_teacher": args.distill_teacher, "precision": args.precision}
+                      "distill_teacher": args.distill_teacher}
     if args.mixed_rank:
         recipe_options["mixed_rank"] = args.mixed_rank
     if not args.variant and (args.distill_weight or args.distill_hidden_weight or args.mixed_rank):
         parser.error("recipe options change the method: name the variant with --variant")
     results = Results(args.out)
+    if args.merge:
+        for path in args.merge:
+            print(f"{path}: {results.merge(path)} new rows")
+        results.save()
+        return
     if args.render_only:
         results.save()
         return
+    render = not args.no_render
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,16 +237,21 @@ def main(argv=None):
     for task in args.tasks:
         if task not in results.majority:
             results.majority[task] = majority_score(task, args.data_dir)
-            results.save()
+            results.save(render)
         train_samples = (args.sst2_train_samples or None) if task == "sst2" else None
+        if args.train_samples:
+            train_samples = min(train_samples or args.train_samples, args.train_samples)
         base = {"data_dir": args.data_dir, "max_train_samples": train_samples, "max_seq_len": args.max_seq_len,
                 "dense_epochs": args.dense_epochs, "prune_epochs": args.prune_epochs,
-                "mixed_epochs": args.mixed_epochs, "device": args.device, "precision": args.precision}
+                "mixed_epochs": args.mixed_epochs, "device": args.device, "precision": args.precision,
+                "max_eval_samples": args.eval_samples}
         if args.model:
             base["model"] = args.model
 
+        suffix = "" if args.precision == "fp32" else f"-{args.precision}"  # a bf16 grid has its own runs
+
         def dense_dir(seed: int) -> Path:
-            return args.work_dir / task / f"dense-seed{seed}"
+            return args.work_dir / task / f"dense-seed{seed}{suffix}"
 
         def ensure_dense(seed: int) -> dict:
             folder = dense_dir(seed)
@@ -231,22 +264,24 @@ def main(argv=None):
             for seed in args.seeds:
                 for preset in args.presets:
                     if preset == "dense":
-                        if results.has(task, "dense", 1.0, seed):
+                        if results.has(task, "dense", 1.0, seed, precision=args.precision):
                             continue
                         dense = ensure_dense(seed)
                         results.add({"task": task, "preset": "dense", "keep": 1.0, "seed": seed,
                                      "main": dense["metrics"]["main"], "metrics": dense["metrics"],
                                      "train_examples": dense["train_examples"],
                                      "epochs": {"dense": args.dense_epochs}, "minutes": dense["seconds"] / 60,
-                                     "machine": machine(), "date": now()})
+                                     "machine": machine(), "precision": args.precision, "date": now()}, render)
                         continue
-                    if results.has(task, preset, keep, seed, args.variant):
+                    if results.has(task, preset, keep, seed, args.variant, args.precision):
                         continue
                     ensure_dense(0)
                     name = preset + (f"+{args.variant}" if args.variant else "")
-                    run_dir = args.work_dir / task / f"{name}-keep{keep}-seed{seed}"
-                    config = RecipeConfig.create(task, keep, str(run_dir), method=preset, model=str(dense_dir(0)),
-                                                 seed=seed, resume=True, **base, **recipe_options)
+                    run_dir = args.work_dir / task / f"{name}-keep{keep}-seed{seed}{suffix}"
+                    # Every method starts from the seed-0 dense checkpoint (base["model"] is what that was tuned from).
+                    options = {**base, **recipe_options, "model": str(dense_dir(0))}
+                    config = RecipeConfig.create(task, keep, str(run_dir), method=preset, seed=seed, resume=True,
+                                                 **options)
                     t0 = time.time()
                     report = run_compression(config)
                     params = report["params"]
@@ -259,11 +294,11 @@ def main(argv=None):
                         "epochs": {"dense": args.dense_epochs, "prune": args.prune_epochs,
                                    "mixed": args.mixed_epochs},
                         "minutes": report.get("run_seconds", time.time() - t0) / 60,
-                        "machine": machine(), "date": now(),
+                        "machine": machine(), "precision": args.precision, "date": now(),
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
                         "stages": [{"name": s["name"], "main": s["metrics"]["main"]} for s in report["stages"]],
-                    })
+                    }, render)
 
 
 if __name__ == "__main__":

@@ -299,3 +299,34 @@ def test_presets_are_frozen_and_configs_check_regexes_and_types():
                                   ("lr", "1e-4", "lr must be a finite number"), ("model", 3, "model must be")]:
         with pytest.raises(ValueError, match=message):
             RecipeConfig.create("sst2", 0.5, "out", **{field: value})
+
+
+def test_a_pruner_without_the_grads_finite_hint_still_steps():
+    """A registered pruner written against the plain ``step()`` contract keeps working when the training loop
+    passes grads_finite=True."""
+    calls = []
+
+    class Legacy:
+        masks, targets = {}, {}
+
+        def step(self):
+            calls.append("step")
+
+        def density(self):
+            return 1.0
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    lrsparse.register_pruner("legacy-step")(lambda model, density, steps, targets, config: Legacy())
+    try:
+        compressor = lrsparse.prepare(tiny_bert(), lrsparse.PRESETS["prune-only"].replace(pruner="legacy-step"),
+                                      total_steps=2)
+        compressor.step(grads_finite=True)
+        compressor.step()
+    finally:
+        registry.unregister("pruner", "legacy-step")
+    assert calls == ["step", "step"]

@@ -369,4 +369,4 @@ def test_checkpoint_of_lrsparse_0_1_is_refused_with_what_to_do(crashed_run, tmp_
     manifest_path.write_text(json.dumps(manifest))
     assert main(compress_argv(data_dir, minilm_path, output, "--resume")) == 2
     err = capsys.readouterr().err
-    assert "is not a version-2 lrsparse checkpoint (found version 1" in err and "--overwrite" in err
+    assert "is not a version-3 lrsparse checkpoint (found version 1" in err and "--overwrite" in err

@@ -19,7 +19,7 @@ from lrsparse.ops import BUILD_INFO
 from lrsparse.records import LayerRecord
 from lrsparse.registry import register_factorizer, register_pruner, register_rank_allocator
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "ops", "BUILD_INFO", "__version__",
     "LPAFConfig", "PRESETS", "prepare", "Compressor",

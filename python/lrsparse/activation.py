@@ -77,7 +77,7 @@ def input_whitening(covariance: Tensor, damping: float) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(c + ridge * identity)
     if int(info) != 0:  # a covariance that is not positive semi-definite (not from real inputs) or a zero ridge
         raise ValueError(f"input_covariance plus ridge {ridge:.3g} is not positive definite: increase "
-                         "activation_damping")
+                         "activation_damping (in a new run: it is part of the method)")
     return factor
 
 
@@ -85,6 +85,9 @@ def _row_scale(weight: Tensor, stats: LayerStatistics) -> Tensor | None:
     """Per-output-row weights sqrt(sum_j importance_ij) of "activation-importance", as FWSVD weighs rows by Fisher."""
     if stats.importance is None:
         raise ValueError("importance is required by method 'activation-importance'")
+    if not bool((stats.importance > 0).any()):
+        raise ValueError("importance has no positive entry: 'activation-importance' weighs rows by it (train the "
+                         "pruning stage first, or use 'activation')")
     return fisher_row_scale(stats.importance.clamp_min(0), weight.shape[0]).to(weight.device).double()
 
 

@@ -18,8 +18,9 @@ import torch
 from lrsparse.distributed import is_main_process
 from lrsparse.io import _fsync_dir
 
-# 2: the Compressor's state and layer records (lrsparse 0.2); 1: lrsparse 0.1 (pruner / structure dicts).
-CHECKPOINT_FORMAT = 2
+# 3: distillation, precision, calibration and layer-matching options in the run's identity, the pruner's Fisher state
+# only when used (lrsparse 0.3); 2: the Compressor's state and layer records (0.2); 1: lrsparse 0.1.
+CHECKPOINT_FORMAT = 3
 
 
 def _default_file_mode() -> int:

@@ -21,6 +21,7 @@ factorizer and rank allocator, and the mixed-rank schedule.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Iterable, Mapping
 
 import torch
@@ -60,6 +61,7 @@ class Compressor:
         self.phase = "prune"
         self.total_steps: int | None = None
         self.pruner = None
+        self._pruner_takes_hint = False
         self.scheduler: MixedRankScheduler | None = None
         self.mixed_steps: int | None = None
         self._records: list[LayerRecord] = []
@@ -86,7 +88,10 @@ class Compressor:
         # Without a pruner of its own the method still needs statistics: a first-order pruner at density 1
         # collects them without pruning anything.
         density = self.config.keep if self.config.prunes else 1.0
-        return PRUNERS[name].fn(self.model, density, self.total_steps, self.targets, self.config)
+        pruner = PRUNERS[name].fn(self.model, density, self.total_steps, self.targets, self.config)
+        # A registered pruner may predate the grads_finite hint: its step() is then called as it was.
+        self._pruner_takes_hint = "grads_finite" in inspect.signature(pruner.step).parameters
+        return pruner
 
     # ------------------------------------------------------------------------------------------------ the loop
     def schedule(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -132,7 +137,10 @@ class Compressor:
                 raise RuntimeError("the pruning phase has no length: pass total_steps to prepare() or call "
                                    "schedule(total_steps) before training")
             if self.pruner is not None:
-                self.pruner.step(grads_finite=grads_finite)
+                if grads_finite and self._pruner_takes_hint:
+                    self.pruner.step(grads_finite=True)
+                else:
+                    self.pruner.step()
         elif self.phase == "mixed_rank":
             if self.scheduler is None:
                 raise RuntimeError("the mixed-rank phase has no length: pass total_steps to factorize() or call "
@@ -280,8 +288,8 @@ class Compressor:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scheduler.finalized:
                 self._converted()
-            else:
-                self._set_layer_matching()
+        if self.phase == "mixed_rank":
+            self._set_layer_matching()
 
 
 def prepare(model: nn.Module, config: LPAFConfig, total_steps: int | None = None,

@@ -72,8 +72,18 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.temperature, self.hidden_weight = float(weight), float(temperature), float(hidden_weight)
         self.outputs, self.regression = tuple(outputs), bool(regression)
-        self.teacher_seconds = 0.0
+        self._teacher_seconds = 0.0
+        self._cuda_events: list = []  # (start, end) per teacher forward on a GPU, read without a per-step sync
         self.last_parts: dict[str, Tensor] = {}
+
+    @property
+    def teacher_seconds(self) -> float:
+        """Seconds spent in the teacher's forward so far (on a GPU, its kernels' time: synchronizes once)."""
+        if self._cuda_events:
+            self._cuda_events[-1][1].synchronize()
+            self._teacher_seconds += sum(s.elapsed_time(e) for s, e in self._cuda_events) / 1e3
+            self._cuda_events = []
+        return self._teacher_seconds
 
     @property
     def teacher_bytes(self) -> int:
@@ -95,11 +105,19 @@ class Distiller:
         if self.weight == 0 and not hidden:
             self.last_parts = {"task": result.loss.detach()}
             return result.loss
-        start = time.perf_counter()
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+        on_gpu = next(self.teacher.parameters()).is_cuda
+        start = torch.cuda.Event(enable_timing=True) if on_gpu else time.perf_counter()
+        if on_gpu:
+            start.record()
         with torch.no_grad():
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
             reference = self.teacher(**inputs, output_hidden_states=hidden)
-        self.teacher_seconds += time.perf_counter() - start
+        if on_gpu:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._cuda_events.append((start, end))
+        else:
+            self._teacher_seconds += time.perf_counter() - start
         loss = (1.0 - self.weight) * result.loss if self.weight < 1 else result.loss.new_zeros(())
         parts = {"task": result.loss.detach()}
         if self.weight > 0:

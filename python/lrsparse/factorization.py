@@ -473,7 +473,8 @@ def factorize_model(
                                     stats.input_covariance, **solver_options, **options)
         except Exception as error:
             arguments = {"rank": ranks[name], "method": method, **solver_options, **options}
-            inputs = {"weight": weight, "mask": stats.mask, "importance": stats.importance, "fisher": stats.fisher}
+            inputs = {"weight": weight, "mask": stats.mask, "importance": stats.importance, "fisher": stats.fisher,
+                      "input_covariance": stats.input_covariance}
             raise FactorizationError(name, arguments, inputs, error) from error
         relative_error = _relative_error(weight, U, V)
         if is_conv1d(module):

@@ -334,4 +334,6 @@ class DistillationTrainer(Trainer):
         device = next(model.parameters()).device
         if next(self.distiller.teacher.parameters()).device != device:
             self.distiller.teacher.to(device)
-        return self.distiller(model, inputs)
+        # accelerate puts autocast around the student's forward only: the teacher needs it too (bf16/fp16 args).
+        with self.accelerator.autocast():
+            return self.distiller(model, inputs)

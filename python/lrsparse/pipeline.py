@@ -213,7 +213,8 @@ class CompressionRun:
             teacher = self.task.auto_model_class().from_config(state.model.config)
             load_model(teacher, str(path), device=str(self.device))
             self._teachers = {kind: teacher.to(self.device)}
-        regression = getattr(state.model.config, "problem_type", None) == "regression"
+        # From the task, not the model config: transformers sets problem_type only at a first forward with labels.
+        regression = self.task.kind == "classification" and self.task.spec.is_regression
         return Distiller(teacher, weight=self.config.distill_weight, temperature=self.config.distill_temperature,
                          hidden_weight=self.config.distill_hidden_weight, outputs=self.task.output_names,
                          regression=regression)

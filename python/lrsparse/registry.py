@@ -64,8 +64,8 @@ class RankAllocator:
 
 @dataclass(frozen=True)
 class Pruner:
-    """``fn(model, final_density, total_steps, targets, config) -> object`` with ``step(grads_finite=False)`` (after
-    each optimizer step; ``grads_finite`` says the caller has checked the gradients), ``masks`` (name -> bool keep-mask, in the weight's layout), ``density()``, ``state_dict()``,
+    """``fn(model, final_density, total_steps, targets, config) -> object`` with ``step()`` (after each optimizer
+    step; a ``grads_finite=False`` keyword, if it has one, is set when the caller has checked the gradients), ``masks`` (name -> bool keep-mask, in the weight's layout), ``density()``, ``state_dict()``,
     ``load_state_dict()``, plus ``scores(name)`` / ``fisher(name)`` for the statistics it ``provides``."""
 
     name: str

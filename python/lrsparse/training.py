@@ -23,6 +23,9 @@ from lrsparse.tasks import resolve_task
 
 log = logging.getLogger("lrsparse.training")
 
+# fp16: consecutive gradient overflows after which the scaler is not finding a scale but the gradients are broken.
+OVERFLOW_STREAK_LIMIT = 20
+
 
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
@@ -163,6 +166,7 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
             scaler.load_state_dict(resume["grad_scaler"])
         _set_rng_state(resume["rng"], device)
         log.info("%s: resuming at step %d of %d", desc, counters["step"], steps)
+    overflow_streak = 0
     with _progress(steps, desc) as bar:
         bar.update(counters["step"])
         while counters["step"] < steps:
@@ -185,6 +189,15 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                 applied = _apply_gradients(model, optimizer, config, desc, step, overflow_expected=scaler is not None)
                 if scaler is not None:
                     scaler.update()  # backs the scale off after an overflow, grows it after a run of good steps
+                overflow_streak = 0 if applied or scaler is None else overflow_streak + 1
+                if overflow_streak == OVERFLOW_STREAK_LIMIT:
+                    # The scaler backs off by half per overflow: this many in a row is not scaling but a gradient
+                    # that is non-finite at any scale.
+                    message = (f"{desc} step {step}: {OVERFLOW_STREAK_LIMIT} fp16 overflows in a row (loss scale now "
+                               f"{scaler.get_scale():.3g}): the gradients are non-finite at any scale")
+                    if config.nonfinite_grads == "error":
+                        raise FloatingPointError(message)
+                    log.warning("%s; steps keep being skipped", message)
                 if applied:
                     if compressor is not None:  # _apply_gradients has checked that every gradient is finite
                         compressor.step(optimizer, grads_finite=True)
