@@ -350,7 +350,7 @@ class CompressionRun:
 
         if config.precision == "bf16" and not has_fast_bf16(self.device):
             log.warning("precision bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX): its bf16 matrix "
-                        "products are emulated, many times slower than fp32 (measured 17x per training step on an "
+                        "products are emulated, many times slower than fp32 (measured 16x per training step on an "
                         "AVX2-only CPU, benchmarks/results/training_cpu.md)")
         stage_functions = {"dense": self._stage_dense, "prune": self._stage_prune, "finetune": self._stage_prune,
                            "factorize": self._stage_factorize, "mixed_rank": self._stage_mixed_rank}
