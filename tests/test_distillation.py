@@ -98,7 +98,7 @@ def test_weight_zero_is_the_task_loss_without_running_the_teacher():
 def test_regression_matches_scores_by_squared_error():
     student, teacher = tiny_bert(seed=0, num_labels=1), tiny_bert(seed=1, num_labels=1)
     batch = dict(_batch(), labels=torch.tensor([0.5, 1.0, 2.0, 4.5]))
-    loss = Distiller(teacher, weight=1.0, regression=True)(student, batch)
+    loss = Distiller(teacher, weight=1.0, output_loss="mse")(student, batch)
     with torch.no_grad():
         expected = ((student(**batch).logits - teacher(input_ids=batch["input_ids"],
                                                        attention_mask=batch["attention_mask"]).logits) ** 2).mean()

@@ -73,14 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task "
-                                   "or SQuAD")
+                                   "or SQuAD, or distill a sentence-embedding model (--task embedding)")
     add_dataclass_arguments(compress.add_argument_group("recipe"), RecipeConfig)
     lpaf_defaults = dataclasses.asdict(PRESETS["lpaf"])
     add_dataclass_arguments(compress.add_argument_group("method (override the --method preset)"), LPAFConfig,
                             preset_defaults={k: v for k, v in lpaf_defaults.items() if k != "keep"})
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split")
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split "
+                                   "(task embedding: STS-B dev, cosine similarity)")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
                           "or the run folder)")
     evaluate.add_argument("--task", required=True)
@@ -106,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", metavar="PNG", default=None,
                          help="also draw per-layer density/rank and the main metric per stage into this PNG")
 
-    export = commands.add_parser("export", help="export a saved compressed model to ONNX, TorchScript or a "
-                                 "plain-PyTorch transformers folder (none needs lrsparse to run)")
+    export = commands.add_parser("export", help="export a saved compressed model to ONNX, TorchScript, a "
+                                 "plain-PyTorch transformers folder or a sentence-transformers folder (none needs "
+                                 "lrsparse to run)")
     export.add_argument("model", help="folder written by `lrsparse compress` (its model/ folder or the run folder)")
     export.add_argument("--format", required=True, choices=FORMATS,
-                        help="pytorch: transformers folder (trust_remote_code), torchscript: .pt, onnx: .onnx")
-    export.add_argument("--out", required=True, help="output folder (pytorch) or file (torchscript, onnx)")
+                        help="pytorch: transformers folder (trust_remote_code), torchscript: .pt, onnx: .onnx, "
+                        "sentence-transformers: a SentenceTransformer folder (task embedding models)")
+    export.add_argument("--out", required=True, help="output folder (pytorch, sentence-transformers) or file "
+                        "(torchscript, onnx)")
+    export.add_argument("--int8", action="store_true", help="onnx: quantize the matrix-product weights to int8 "
+                        "(onnxruntime dynamic quantization)")
     return parser
 
 
@@ -163,7 +169,7 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
-    print(describe(export_compressed(_model_dir(args.model), args.format, args.out)))
+    print(describe(export_compressed(_model_dir(args.model), args.format, args.out, int8=args.int8)))
     return 0
 
 

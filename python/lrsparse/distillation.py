@@ -5,7 +5,9 @@
 * ``output_loss`` compares the student's task outputs with the teacher's: for class scores the KL divergence of the
   temperature-softened distributions times ``temperature**2`` (Hinton et al. 2015: keeps the gradient scale of the
   soft targets independent of the temperature), for a regression score (STS-B) the squared error; for question
-  answering the start and end logits are two distributions over positions, their losses averaged;
+  answering the start and end logits are two distributions over positions, their losses averaged; for sentence
+  embeddings (which have no task loss: ``weight`` 1) the cosine distance ``1 - cos(e_s, e_t)``, averaged over the
+  sentences, what cosine-similarity search sees (scale-free, and for normalized embeddings half their squared error);
 * ``hidden_loss`` matches the hidden states of every layer (the embeddings' output and each encoder layer's), each
   as the relative squared error ``||h_s - h_t||^2 / ||h_t||^2`` over the real (unpadded) tokens, averaged over the
   layers: scale-free, so one weight suits every layer and model width. The compressed layers change exactly what
@@ -32,6 +34,14 @@ def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float) -> Te
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
+def cosine_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of ``1 - cos(student_row, teacher_row)``."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+OUTPUT_LOSSES = ("soft-targets", "mse", "cosine")
+
+
 def hidden_state_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], attention_mask: Tensor | None) -> Tensor:
     """Mean over layers of ``||h_s - h_t||^2 / ||h_t||^2`` over the tokens whose attention mask is 1."""
     if len(student) != len(teacher):
@@ -54,13 +64,14 @@ class Distiller:
     """The distillation objective around a frozen ``teacher``: ``distiller(student, batch)`` runs both models on
     ``batch`` and returns the combined loss (see the module docstring).
 
-    ``outputs`` names the model outputs to match ("logits", or "start_logits"/"end_logits" for question
-    answering); ``regression`` matches a single score by squared error instead of soft targets. ``teacher_seconds``
+    ``outputs`` names the model outputs to match ("logits", "start_logits"/"end_logits" for question answering,
+    "sentence_embedding"); ``output_loss`` is how: "soft-targets" (class scores), "mse" (a regression score) or
+    "cosine" (embeddings). A student without a task loss (no labels) needs ``weight`` 1. ``teacher_seconds``
     accumulates the time spent in the teacher's forward, ``last_parts`` holds the last step's loss terms.
     """
 
     def __init__(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
-                 outputs: Sequence[str] = ("logits",), regression: bool = False) -> None:
+                 outputs: Sequence[str] = ("logits",), output_loss: str = "soft-targets") -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if not 0.0 <= weight <= 1.0:
@@ -69,9 +80,11 @@ class Distiller:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not hidden_weight >= 0:
             raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight!r}")
+        if output_loss not in OUTPUT_LOSSES:
+            raise ValueError(f"output_loss must be one of {list(OUTPUT_LOSSES)}, got {output_loss!r}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.temperature, self.hidden_weight = float(weight), float(temperature), float(hidden_weight)
-        self.outputs, self.regression = tuple(outputs), bool(regression)
+        self.outputs, self.output_loss = tuple(outputs), output_loss
         self._teacher_seconds = 0.0
         self._cuda_events: list = []  # (start, end) per teacher forward on a GPU, read without a per-step sync
         self.last_parts: dict[str, Tensor] = {}
@@ -93,8 +106,10 @@ class Distiller:
         losses = []
         for name in self.outputs:
             s, t = student[name], teacher[name]
-            if self.regression:
+            if self.output_loss == "mse":
                 losses.append(F.mse_loss(s.float(), t.float()))
+            elif self.output_loss == "cosine":
+                losses.append(cosine_distance_loss(s, t))
             else:
                 losses.append(soft_target_loss(s, t, self.temperature))
         return torch.stack(losses).mean()
@@ -102,6 +117,9 @@ class Distiller:
     def __call__(self, student: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         hidden = self.hidden_weight > 0
         result = student(**batch, output_hidden_states=hidden)
+        if result.loss is None and self.weight < 1:
+            raise ValueError(f"the student returned no task loss (no labels in the batch): distillation weight must be "
+                             f"1 to train on the teacher's outputs alone, got {self.weight}")
         if self.weight == 0 and not hidden:
             self.last_parts = {"task": result.loss.detach()}
             return result.loss
@@ -118,8 +136,8 @@ class Distiller:
             self._cuda_events.append((start, end))
         else:
             self._teacher_seconds += time.perf_counter() - start
-        loss = (1.0 - self.weight) * result.loss if self.weight < 1 else result.loss.new_zeros(())
-        parts = {"task": result.loss.detach()}
+        loss = (1.0 - self.weight) * result.loss if self.weight < 1 else 0.0
+        parts = {} if result.loss is None else {"task": result.loss.detach()}
         if self.weight > 0:
             output_loss = self._output_loss(result, reference)
             loss = loss + self.weight * output_loss

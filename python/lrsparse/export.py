@@ -10,12 +10,17 @@ so that only stock PyTorch modules remain and the low-rank layer is exactly two 
 - ``torchscript``: ``torch.jit.trace`` of the plain tree, saved with ``torch.jit.save`` (``torch.jit.load`` needs
   torch only).
 - ``onnx``: ``torch.onnx.export`` of the plain tree with dynamic batch and sequence axes (needs ``onnx`` and
-  ``onnxscript``; ``onnxruntime`` to run it: ``pip install "lrsparse[export]"``).
+  ``onnxscript``; ``onnxruntime`` to run it: ``pip install "lrsparse[export]"``); with ``int8`` the weights of its
+  matrix products are then quantized to int8 by onnxruntime's dynamic quantization (activations quantized at run
+  time), which composes with the factorization: fewer, smaller products, each in int8.
+- ``sentence-transformers`` (sentence-embedding models only): a sentence-transformers folder whose Transformer
+  module is the ``pytorch`` export of the encoder, followed by the model's Pooling (and Normalize) modules;
+  ``SentenceTransformer(dir, trust_remote_code=True)`` loads it without lrsparse.
 
 The traced formats (TorchScript, ONNX) take ``input_ids``, ``attention_mask`` and, for models with token types
 (BERT-style ``type_vocab_size``), ``token_type_ids``, and return every output of the task head
-(:func:`output_names`): ``start_logits`` and ``end_logits`` of a question-answering model, ``logits`` of any other
-task head, ``last_hidden_state`` of a bare encoder.
+(:func:`output_names`): ``start_logits`` and ``end_logits`` of a question-answering model, ``sentence_embedding`` of
+a sentence-embedding model, ``logits`` of any other task head, ``last_hidden_state`` of a bare encoder.
 """
 from __future__ import annotations
 
@@ -31,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lrsparse.embedding import EMBEDDING_KEY, POOLING_FLAGS, SentenceEmbeddingModel
 from lrsparse.io import LAYERS_FILE, load_compressed
 from lrsparse.layers import LowRankLinear, MixedRankLinear, replace_module
 from lrsparse.records import records_of
 
-FORMATS = ("pytorch", "torchscript", "onnx")
+FORMATS = ("pytorch", "torchscript", "onnx", "sentence-transformers")
 MODELING_FILE = "modeling_lrsparse.py"
 # Config attribute listing the two-linear layers (name, in_features, out_features, rank, bias) of a pytorch export.
 CONFIG_LAYERS_KEY = "lrsparse_low_rank_layers"
@@ -124,6 +130,8 @@ def output_names(model: nn.Module) -> list[str]:
     """Outputs of the traced formats: all the tensors the task head answers with (the loss and caches excluded)."""
     if type(model).__name__.endswith("ForQuestionAnswering"):
         return ["start_logits", "end_logits"]  # a span needs both ends
+    if isinstance(model, SentenceEmbeddingModel):
+        return ["sentence_embedding"]
     if getattr(model, "base_model", None) is model:
         return ["last_hidden_state"]  # a bare encoder has no head
     return ["logits"]
@@ -188,9 +196,11 @@ def missing_onnx_packages() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> Path:
-    """``torch.onnx.export`` of the plain tree with dynamic batch and sequence axes, saved to ``path``."""
-    missing = missing_onnx_packages()
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, int8: bool = False) -> Path:
+    """``torch.onnx.export`` of the plain tree with dynamic batch and sequence axes, saved to ``path``; with ``int8``
+    its matrix-product weights quantized to int8 (:func:`quantize_onnx_int8`)."""
+    missing = missing_onnx_packages() + (["onnxruntime"] if int8 and importlib.util.find_spec("onnxruntime") is None
+                                         else [])
     if missing:
         raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install \"lrsparse[export]\" "
                           f"(or pip install {' '.join(ONNX_PACKAGES)} onnxruntime)")
@@ -206,7 +216,32 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> P
             dynamic_shapes={name: dims for name in names}, opset_version=opset, verbose=False,
         )
         program.save(str(path))  # weights go to an external data file next to it only beyond protobuf's 2 GB
+    if int8:
+        float_path = path.with_name(path.stem + ".fp32.onnx")
+        os.replace(path, float_path)
+        try:
+            quantize_onnx_int8(float_path, path)
+        finally:
+            float_path.unlink(missing_ok=True)
     return path
+
+
+def quantize_onnx_int8(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """onnxruntime's dynamic quantization of ``source``: the weights of its MatMul/Gemm nodes as signed int8 (per
+    tensor), activations quantized per batch at run time; the graph is pre-processed (shape inference, fusions)
+    first, as onnxruntime recommends."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, target = Path(source), Path(target)
+    prepared = target.with_name(target.stem + ".prep.onnx")
+    try:
+        with _quiet_loggers("root"):
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        prepared.unlink(missing_ok=True)
+    return target
 
 
 @contextlib.contextmanager
@@ -274,6 +309,40 @@ def export_pytorch(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# sentence-transformers: the encoder's pytorch export plus the Pooling and Normalize modules
+# ----------------------------------------------------------------------------------------------------------------
+def export_sentence_transformers(model: SentenceEmbeddingModel, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Writes a sentence-transformers folder loadable with ``SentenceTransformer(dir, trust_remote_code=True)`` and
+    no lrsparse (module docstring)."""
+    if not isinstance(model, SentenceEmbeddingModel):
+        raise TypeError(f"model must be a SentenceEmbeddingModel (task embedding), got {type(model).__name__}")
+    directory = Path(directory)
+    export_pytorch(model.encoder, directory, tokenizer)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop(EMBEDDING_KEY, None)  # lrsparse's record of the pooling: the modules below carry it
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if model.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (directory / "2_Normalize").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": int(model.config.hidden_size),
+               **{flag: mode == model.pooling for mode, flag in POOLING_FLAGS.items()},
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    max_seq_length = getattr(model.config, EMBEDDING_KEY).get("max_seq_length")
+    (directory / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length or int(model.config.max_position_embeddings), "do_lower_case": False},
+        indent=2) + "\n")
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(
+        {"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2) + "\n")
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # From a saved compressed directory (the CLI)
 # ----------------------------------------------------------------------------------------------------------------
 def _load_tokenizer(directory: Path):
@@ -284,11 +353,14 @@ def _load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def export_compressed(directory: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
+def export_compressed(directory: str | os.PathLike, fmt: str, out: str | os.PathLike, int8: bool = False) -> Path:
     """Loads the model saved by ``save_compressed`` in ``directory`` and exports it as ``fmt`` to ``out``.
 
-    ``out`` is a directory for ``pytorch`` and a file for ``torchscript`` (.pt) and ``onnx`` (.onnx).
+    ``out`` is a directory for ``pytorch`` and ``sentence-transformers``, a file for ``torchscript`` (.pt) and
+    ``onnx`` (.onnx; ``int8``: quantized).
     """
+    if int8 and fmt != "onnx":
+        raise ValueError(f"int8 applies to --format onnx only, not to {fmt!r}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     directory = Path(directory)
@@ -303,18 +375,31 @@ def export_compressed(directory: str | os.PathLike, fmt: str, out: str | os.Path
     out = Path(out)
     if fmt != "pytorch" and out.is_dir():
         raise ValueError(f"out must be a file path for --format {fmt}, got the directory {out}")
-    if fmt == "pytorch" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    folder_format = fmt in ("pytorch", "sentence-transformers")
+    if folder_format and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out {out} exists and is not an empty directory")
     model = load_compressed(directory)
+    embedding = isinstance(model, SentenceEmbeddingModel)
+    if fmt == "pytorch" and embedding:
+        raise ValueError(f"{directory} holds a sentence-embedding model: export it with --format "
+                         "sentence-transformers (or onnx / torchscript)")
+    if fmt == "sentence-transformers" and not embedding:
+        raise ValueError(f"--format sentence-transformers needs a sentence-embedding model (task embedding); "
+                         f"{directory} holds a {type(model).__name__}: use --format pytorch")
     if fmt == "pytorch":
         return export_pytorch(model, out, tokenizer=_load_tokenizer(directory))
+    if fmt == "sentence-transformers":
+        return export_sentence_transformers(model, out, tokenizer=_load_tokenizer(directory))
     if fmt == "torchscript":
         return export_torchscript(model, out)
-    return export_onnx(model, out)
+    return export_onnx(model, out, int8=int8)
 
 
 def describe(path: Path) -> str:
     """One line about an export for the CLI."""
+    if path.is_dir() and (path / "modules.json").is_file():
+        return (f"wrote {path} (a sentence-transformers folder); load it with "
+                "SentenceTransformer(..., trust_remote_code=True)")
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         autos = ", ".join(sorted(config.get("auto_map", {}))) or "the class in modeling_lrsparse.py"

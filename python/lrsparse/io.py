@@ -240,7 +240,11 @@ def _model_class(config, model_class):
         return model_class
     import transformers
 
+    from lrsparse.embedding import SentenceEmbeddingModel
+
     for name in config.architectures or []:
+        if name == SentenceEmbeddingModel.__name__:
+            return SentenceEmbeddingModel
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls

@@ -7,7 +7,7 @@ from torch import nn
 from lrsparse.data import GlueTask
 from lrsparse.tasks import ClassificationTask, QuestionAnsweringTask, resolve_task
 
-Task = ClassificationTask | QuestionAnsweringTask
+Task = ClassificationTask | QuestionAnsweringTask  # or lrsparse.embedding.EmbeddingTask
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -79,11 +79,14 @@ def quiet_transformers() -> None:
 
 
 def load_model_config(source: str):
+    """The transformers config of ``source`` (of its encoder for a sentence-transformers folder)."""
     from transformers import AutoConfig
+
+    from lrsparse.embedding import transformer_folder
 
     quiet_transformers()
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(transformer_folder(source))
     except (OSError, ValueError) as exc:
         raise ValueError(f"model {source!r} cannot be loaded (a local checkpoint folder or a hub name): {exc}") from exc
 

@@ -1,4 +1,5 @@
-"""End-to-end compression of a fine-tuned (or to-be-fine-tuned) transformer on a GLUE task or SQuAD.
+"""End-to-end compression of a fine-tuned (or to-be-fine-tuned) transformer on a GLUE task or SQuAD, or of a
+sentence-embedding model (task embedding: distillation on unlabelled text).
 
 The CLI recipe: a :class:`~lrsparse.recipe.RecipeConfig` (task, data, stages) around an
 :class:`~lrsparse.config.LPAFConfig` (the method), driving one :class:`~lrsparse.compressor.Compressor` through
@@ -39,6 +40,7 @@ from lrsparse.compressor import Compressor, prepare
 from lrsparse.data import PaddingCollator
 from lrsparse.distillation import Distiller
 from lrsparse.distributed import is_main_process
+from lrsparse.embedding import transformer_folder
 from lrsparse.factorization import FactorizationError
 from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
 from lrsparse.modeling import (check_precision, check_tokenizer_fits, count_parameters, has_fast_bf16,
@@ -75,7 +77,7 @@ class CompressionRun:
         self.config = config
         self.lpaf = config.lpaf
         self.writer = None  # TensorBoard, opened by run() when config.tensorboard_dir is set
-        self.task = resolve_task(config.task)
+        self.task = resolve_task(config.task, config.train_text)
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
         self.device = resolve_device(config.device)
@@ -133,7 +135,7 @@ class CompressionRun:
     def _prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(transformer_folder(self.config.model))
         check_tokenizer_fits(self.tokenizer, self.model_config, self.config.max_seq_len, self.config.model)
         self.collate = PaddingCollator(self.tokenizer.pad_token_id or 0)
         config = self.config
@@ -213,11 +215,15 @@ class CompressionRun:
             teacher = self.task.auto_model_class().from_config(state.model.config)
             load_model(teacher, str(path), device=str(self.device))
             self._teachers = {kind: teacher.to(self.device)}
-        # From the task, not the model config: transformers sets problem_type only at a first forward with labels.
-        regression = self.task.kind == "classification" and self.task.spec.is_regression
-        return Distiller(teacher, weight=self.config.distill_weight, temperature=self.config.distill_temperature,
+        if self.task.kind == "embedding":  # no labels: the teacher's embeddings are the whole training signal
+            weight, output_loss = 1.0, "cosine"
+        else:
+            # From the task, not the model config: transformers sets problem_type only at a first forward with labels.
+            regression = self.task.kind == "classification" and self.task.spec.is_regression
+            weight, output_loss = self.config.distill_weight, "mse" if regression else "soft-targets"
+        return Distiller(teacher, weight=weight, temperature=self.config.distill_temperature,
                          hidden_weight=self.config.distill_hidden_weight, outputs=self.task.output_names,
-                         regression=regression)
+                         output_loss=output_loss)
 
     def _stage_dense(self, state: _RunState, stage_seed: int) -> dict:
         if self.steps["dense"] == 0:
@@ -468,7 +474,7 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
                 f"{' ...' if len(missing) > 4 else ''}): these weights would be random and the score meaningless. "
                 "Fine-tune it first (lrsparse compress), or pass --allow-random-head to score it anyway")
     spec.check_model(model, str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(transformer_folder(model_dir))
     check_tokenizer_fits(tokenizer, model.config, max_seq_len, str(model_dir))
     dataset = spec.tokenize(examples, tokenizer, max_seq_len, doc_stride)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),

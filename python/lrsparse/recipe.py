@@ -26,7 +26,8 @@ class RecipeConfig:
     """Everything that determines a compression run besides the method (all but the runtime group must match to
     --resume)."""
 
-    task: str = option(help=f"GLUE task or squad: {', '.join(TASK_NAMES)}", required=True)
+    task: str = option(help=f"GLUE task, squad, or embedding (a sentence-transformers model, distilled on "
+                       f"--train-text, scored on STS-B dev): {', '.join(TASK_NAMES)}", required=True)
     output_dir: str = option(help="run folder (checkpoint/, model/, report.json)", cli="output", required=True)
     method: str = option("lpaf", "preset of the method (lrsparse.PRESETS); the method's own flags override it",
                          choices=list(PRESETS))
@@ -35,6 +36,9 @@ class RecipeConfig:
     data_dir: str | None = option(None, "folder with <TASK>/{train,dev}.tsv in the GLUE layout, or for squad the "
                                   "official dev-v1.1.json (+ train-v1.1.json; without it the dev articles are split "
                                   "80/20) (default: the hub)")
+    train_text: str | None = option(None, "task embedding: the unlabelled training sentences, a UTF-8 text file with "
+                                    "one per line, or glue:TASK for the sentences of a GLUE task's train split "
+                                    "(from --data-dir)")
     max_train_samples: int | None = option(None, "seeded subset of the training set (default: all of it)")
     max_eval_samples: int | None = option(None, "seeded subset of the dev set (default: all of it)")
     epochs: float = option(3.0, "epochs of each training stage")
@@ -117,7 +121,7 @@ class RecipeConfig:
         for name in ("task", "output_dir", "model", "method", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("data_dir", "tensorboard_dir"):
+        for name in ("data_dir", "tensorboard_dir", "train_text"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         for name in ("resume", "overwrite", "allow_random_head"):
@@ -130,7 +134,8 @@ class RecipeConfig:
         for name in ("dense_epochs", "prune_epochs", "mixed_epochs"):
             if getattr(self, name) is not None and not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
-        task = resolve_task(self.task)
+        task = resolve_task(self.task, self.train_text)
+        self._validate_for_task(task)
         for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES),
                               ("precision", PRECISIONS), ("distill_teacher", DISTILL_TEACHERS)):
             if getattr(self, name) not in choices:
@@ -187,6 +192,23 @@ class RecipeConfig:
 
             summary_writer_class(self.tensorboard_dir)
 
+    def _validate_for_task(self, task) -> None:
+        if task.kind != "embedding":
+            if self.train_text is not None:
+                raise ValueError(f"train_text applies to task embedding only, not to task {task.name!r} (its "
+                                 "training data comes from data_dir)")
+            return
+        if not self.train_text:
+            raise ValueError("task embedding needs train_text (--train-text FILE with one sentence per line, or "
+                             "glue:TASK for a GLUE task's train sentences): it distills on unlabelled text")
+        if self.dense_finetune == "force":
+            raise ValueError("dense_finetune 'force' does not apply to task embedding: it has no labels; the dense "
+                             "model is the teacher as it is")
+        if self.distill_weight != 0.0:
+            raise ValueError("distill_weight applies to labelled tasks: task embedding always trains on the "
+                             "distillation of the dense model's sentence embeddings alone (leave it at 0; "
+                             "distill_hidden_weight adds the layer-wise matching)")
+
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (compared on --resume), per-stage epochs resolved."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -199,7 +221,9 @@ class RecipeConfig:
 
     @property
     def distills(self) -> bool:
-        return self.distill_weight > 0 or self.distill_hidden_weight > 0
+        """Whether the training stages distill from a frozen teacher (always for task embedding: its only signal)."""
+        return (self.distill_weight > 0 or self.distill_hidden_weight > 0
+                or resolve_task(self.task, self.train_text).kind == "embedding")
 
     def stage_names(self) -> list[str]:
         names = ["dense", "prune" if self.lpaf.prunes else "finetune"]

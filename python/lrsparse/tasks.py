@@ -1,7 +1,8 @@
 """What the pipeline needs to know about a task: its data, tokenization, model head, and how it is scored.
 
-Two kinds share one interface: GLUE sequence classification / regression (:class:`ClassificationTask`) and SQuAD
-extractive question answering (:class:`QuestionAnsweringTask`). The pipeline's stages never look at the kind: they
+Three kinds share one interface: GLUE sequence classification / regression (:class:`ClassificationTask`), SQuAD
+extractive question answering (:class:`QuestionAnsweringTask`) and sentence embeddings
+(:class:`lrsparse.embedding.EmbeddingTask`: distillation on unlabelled text, scored on STS-B). The pipeline's stages never look at the kind: they
 train on ``model(**batch).loss`` and evaluate through :meth:`metrics` on the model outputs named by
 ``output_names``. The compressed layers are the same encoder projections for both; task heads are never targets.
 """
@@ -18,7 +19,7 @@ from lrsparse.squad import MIN_SEQ_LEN as _MIN_QUESTION_ANSWERING_SEQ_LEN
 
 __all__ = ["ClassificationTask", "QuestionAnsweringTask", "TASK_NAMES", "resolve_task"]
 
-TASK_NAMES = (*GLUE_TASKS, "squad")
+TASK_NAMES = (*GLUE_TASKS, "squad", "embedding")
 
 
 class ClassificationTask:
@@ -130,16 +131,20 @@ class QuestionAnsweringTask:
         return squad_metrics(best_spans(dataset, starts, ends), dataset.examples.references())
 
 
-def resolve_task(task) -> ClassificationTask | QuestionAnsweringTask:
-    """The task object for a name (GLUE names as :func:`lrsparse.data.get_task` takes them, or "squad"), a GlueTask,
-    or a task object (returned as is)."""
-    if isinstance(task, (ClassificationTask, QuestionAnsweringTask)):
+def resolve_task(task, train_text: str | None = None):
+    """The task object for a name (GLUE names as :func:`lrsparse.data.get_task` takes them, "squad" or "embedding"),
+    a GlueTask, or a task object (returned as is). ``train_text`` is the embedding task's training text."""
+    from lrsparse.embedding import EmbeddingTask
+
+    if isinstance(task, (ClassificationTask, QuestionAnsweringTask, EmbeddingTask)):
         return task
     if isinstance(task, GlueTask):
         return ClassificationTask(task)
     if isinstance(task, str) and task.lower() == "squad":
         return QuestionAnsweringTask()
+    if isinstance(task, str) and task.lower() == "embedding":
+        return EmbeddingTask(train_text)
     try:
         return ClassificationTask(get_task(task))
     except ValueError:
-        raise ValueError(f"task {task!r} is not a GLUE task or squad; expected one of {sorted(TASK_NAMES)}") from None
+        raise ValueError(f"task {task!r} is not a GLUE task, squad or embedding; expected one of {sorted(TASK_NAMES)}") from None
