@@ -20,7 +20,7 @@ venv: $(VENV)/.deps
 
 # Wheel install of the package (extension built against the venv's torch) with the test extras.
 install: | $(VENV)/.deps
-	$(PIP) install --no-build-isolation ".[test,data,plot,export,hf,tensorboard]"
+	$(PIP) install --no-build-isolation ".[test,data,plot,export,hf,tensorboard,embedding]"
 
 # In-place development build: compiles lrsparse/_C into python/lrsparse (use with PYTHONPATH=python).
 dev: | $(VENV)/.deps
@@ -69,7 +69,7 @@ $(CUDA_VENV)/.deps: constraints-cuda.txt
 cuda-build: | $(CUDA_VENV)/.deps
 	LRSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(CUDA_CONSTRAINT) \
 	    $(CUDA_PY) -m pip install --no-build-isolation -Cbuild-dir=build/cuda \
-	    "-Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES)" ".[test,data,plot,export,hf,tensorboard]"
+	    "-Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES)" ".[test,data,plot,export,hf,tensorboard,embedding]"
 	cd tests && $(abspath $(CUDA_PY)) -c "$$CUDA_BUILD_CHECK"
 	cd tests && LRSPARSE_EXPECT_CUDA_BUILD=1 LRSPARSE_DATA_DIR=$(abspath $(DATA_DIR)) ../$(CUDA_PY) -m pytest -q $(PYTEST_ARGS)
 
