@@ -13,6 +13,7 @@ from lrsparse import ops  # loads the compiled extension and registers fakes and
 from lrsparse.compressor import Compressor, prepare
 from lrsparse.config import PRESETS, LPAFConfig
 from lrsparse.distillation import Distiller
+from lrsparse.embedding import SentenceEmbeddingModel
 from lrsparse.io import load_compressed, read_manifest, save_compressed
 from lrsparse.layers import LowRankLinear, MixedRankLinear, replace_module
 from lrsparse.ops import BUILD_INFO
@@ -25,5 +26,5 @@ __all__ = [
     "LPAFConfig", "PRESETS", "prepare", "Compressor",
     "register_factorizer", "register_rank_allocator", "register_pruner",
     "save_compressed", "load_compressed", "read_manifest", "LayerRecord", "replace_module",
-    "LowRankLinear", "MixedRankLinear", "Distiller",
+    "LowRankLinear", "MixedRankLinear", "Distiller", "SentenceEmbeddingModel",
 ]
