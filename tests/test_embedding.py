@@ -246,6 +246,9 @@ def test_cli_compress_evaluate_and_export_embedding_model(tmp_path, minilm_path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[0] == "LowRankBertModel []"
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "st.npy")), expected, atol=2e-6, rtol=0)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out), "--task", "embedding", "--data-dir", str(data_dir / "glue")]) == 2
+    assert "is an `lrsparse export`" in capsys.readouterr().err  # not "no trained head": its layers load via remote code
 
     inputs = {k: v.numpy() for k, v in batch.items()}
     for flags, tolerance in (([], 2e-6), (["--int8"], 0.1)):

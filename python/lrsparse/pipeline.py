@@ -450,6 +450,7 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
     compressed = (model_dir / LAYERS_FILE).is_file()
+    _refuse_export(model_dir)
     saved = saved_extra(model_dir) if compressed else {}
     if saved.get("task") not in (None, spec.name):
         raise ValueError(f"task {spec.name!r} differs from the task {saved['task']!r} the model in {model_dir} was "
@@ -479,6 +480,22 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     dataset = spec.tokenize(examples, tokenizer, max_seq_len, doc_stride)
     return evaluate(model.to(target_device), dataset, spec, batch_size, PaddingCollator(tokenizer.pad_token_id or 0),
                     target_device, desc=f"eval {spec.name}", precision=precision)
+
+
+def _refuse_export(model_dir: Path) -> None:
+    """An `lrsparse export` folder loads only through its generated code: loading its base class would leave the
+    low-rank layers' weights missing, which must not read as "no trained head"."""
+    from lrsparse.export import CONFIG_LAYERS_KEY
+
+    config_file = Path(transformer_folder(model_dir)) / "config.json"
+    try:
+        exported = CONFIG_LAYERS_KEY in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a readable config: the loader's own error says so
+    if exported:
+        raise ValueError(f"{model_dir} is an `lrsparse export` (plain two-linear layers, loaded with "
+                         "trust_remote_code=True); evaluate the compressed model it was exported from (the run "
+                         "folder or its model/ folder)")
 
 
 def finetune_dense(config: RecipeConfig, directory: str | os.PathLike) -> dict:
