@@ -259,3 +259,39 @@ def test_cli_compress_evaluate_and_export_embedding_model(tmp_path, minilm_path,
         torch.testing.assert_close(torch.from_numpy(session.run(None, inputs)[0]), expected, atol=tolerance, rtol=0)
     assert cli.main(["export", str(run), "--format", "pytorch", "--out", str(tmp_path / "pt")]) == 2
     assert "--format sentence-transformers" in capsys.readouterr().err
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_embedding_run_interrupted_in_mixed_rank_resumes_bitwise(tmp_path, minilm_path, data_dir):
+    from lrsparse import pipeline
+
+    source = _tiny_sentence_transformer(tmp_path / "tiny-st", minilm_path)
+
+    def recipe(name, **extra):
+        return RecipeConfig.create("embedding", 0.5, str(tmp_path / name), model=str(source), train_text="glue:stsb",
+                                   data_dir=str(data_dir / "glue"), max_train_samples=96, max_eval_samples=30,
+                                   epochs=1.0, batch_size=16, max_seq_len=64, checkpoint_every=2,
+                                   distill_teacher="pruned", **extra)
+
+    whole = pipeline.run_compression(recipe("whole"))
+
+    def interrupt(run, record):
+        if record.get("step") == 2 and record["name"] == "mixed_rank":
+            raise _Interrupt
+
+    pipeline.CHECKPOINT_OBSERVERS.append(interrupt)
+    try:
+        with pytest.raises(_Interrupt):
+            pipeline.run_compression(recipe("resumed"))
+    finally:
+        pipeline.CHECKPOINT_OBSERVERS.remove(interrupt)
+    # The embedding model is rebuilt from the checkpoint's config (pooling included), the teacher from its file.
+    assert (tmp_path / "resumed" / "checkpoint" / "teacher_pruned.safetensors").is_file()
+    resumed = pipeline.run_compression(recipe("resumed", resume=True))
+    assert resumed["final_metrics"] == whole["final_metrics"]
+    expected = load_compressed(tmp_path / "whole" / "model").state_dict()
+    actual = load_compressed(tmp_path / "resumed" / "model").state_dict()
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
