@@ -83,18 +83,21 @@ def prepare_variants(args, workdir: Path, tokenizer) -> list[dict]:
     models = [("dense", 1.0, SentenceEmbeddingModel.from_pretrained(args.model).eval(), None)]
     for run in args.runs:
         report = json.loads((run / "report.json").read_text())
-        models.append((f"keep {report['keep']}", report["keep"], load_compressed(run / "model").eval(), report))
+        factorizer = report["config"]["lpaf"]["factorizer"]
+        models.append((f"keep {report['keep']} ({factorizer})", report["keep"], load_compressed(run / "model").eval(),
+                       report))
     variants = []
     for name, keep, model, report in models:
-        folder = Path(args.model) if report is None else workdir / f"{name}-st"
+        slug = f"variant{len(variants)}"
+        folder = Path(args.model) if report is None else workdir / f"{slug}-st"
         if report is not None:
             export_sentence_transformers(model, folder, tokenizer)
         encode, st_model = st_encoder(folder)
         max_length = st_model.max_seq_length
         common = {"model": name, "keep": keep, "report": report}
         variants.append({**common, "format": "pytorch fp32", "encode": encode, "mb": file_mb(folder)})
-        fp32 = export_onnx(model, workdir / f"{name}.onnx")
-        int8 = quantize_onnx_int8(fp32, workdir / f"{name}-int8.onnx")
+        fp32 = export_onnx(model, workdir / f"{slug}.onnx")
+        int8 = quantize_onnx_int8(fp32, workdir / f"{slug}-int8.onnx")
         for fmt, path in (("onnx fp32", fp32), ("onnx int8", int8)):
             variants.append({**common, "format": fmt, "encode": onnx_encoder(path, tokenizer, args.threads, max_length),
                              "mb": file_mb(path)})
@@ -128,6 +131,7 @@ def summarize(variants: list[dict], sentences: int) -> list[dict]:
     for v in variants:
         rows.append({
             "model": v["model"], "keep": v["keep"], "format": v["format"],
+            "factorizer": None if v["report"] is None else v["report"]["config"]["lpaf"]["factorizer"],
             "spearman": v["metrics"]["spearman_cosine"], "pearson": v["metrics"]["pearson_cosine"],
             "sentences_per_s": sentences / statistics.median(v["seconds"]),
             "speedup_vs_dense_pytorch": speedup(v, dense["pytorch fp32"]),
@@ -174,13 +178,19 @@ def to_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Spearman against keep: one line per (format, factorizer), each ending at the dense model (keep 1)."""
+    rows = report["rows"]
     with line_plot(path, "target-layer parameters kept", "STS-B dev Spearman x 100",
                    "all-MiniLM-L6-v2: embedding distillation") as ax:
         for fmt, marker in (("pytorch fp32", "o"), ("onnx int8", "s")):
-            rows = sorted((r for r in report["rows"] if r["format"] == fmt), key=lambda r: r["keep"])
-            ax.plot([r["keep"] for r in rows], [100 * r["spearman"] for r in rows], marker=marker, label=fmt)
-        dense = next(r for r in report["rows"] if r["model"] == "dense" and r["format"] == "pytorch fp32")
-        ax.axhline(100 * dense["spearman"] - 1.0, color="gray", linestyle="--", linewidth=0.8,
+            dense = next(r for r in rows if r["model"] == "dense" and r["format"] == fmt)
+            for factorizer in sorted({r["factorizer"] for r in rows if r["factorizer"]}):
+                line = sorted([r for r in rows if r["format"] == fmt and r["factorizer"] == factorizer] + [dense],
+                              key=lambda r: r["keep"])
+                ax.plot([r["keep"] for r in line], [100 * r["spearman"] for r in line], marker=marker,
+                        label=f"{fmt}, {factorizer}")
+        reference = next(r for r in rows if r["model"] == "dense" and r["format"] == "pytorch fp32")
+        ax.axhline(100 * reference["spearman"] - 1.0, color="gray", linestyle="--", linewidth=0.8,
                    label="dense - 1.0 (target)")
 
 

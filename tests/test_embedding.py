@@ -252,7 +252,7 @@ def test_cli_compress_evaluate_and_export_embedding_model(tmp_path, minilm_path,
     assert "is an `lrsparse export`" in capsys.readouterr().err  # not "no trained head": its layers load via remote code
 
     inputs = {k: v.numpy() for k, v in batch.items()}
-    for flags, tolerance in (([], 2e-6), (["--int8"], 0.1)):
+    for flags, tolerance in (([], 2e-6), (["--int8"], 5e-3)):  # int8 per tensor: 2.4e-4 measured
         path = tmp_path / f"model{''.join(flags)}.onnx"
         assert cli.main(["export", str(run), "--format", "onnx", "--out", str(path), *flags]) == 0
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
