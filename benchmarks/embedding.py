@@ -204,7 +204,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--max-pairs", type=int, default=None, help="dev subset (a dry run only)")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json, OUT.md and OUT.png")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        render(report, args.out)
+        return
     torch.set_num_threads(args.threads)
     quiet_transformers()
     from transformers import AutoTokenizer
@@ -226,20 +231,24 @@ def main(argv=None) -> None:
         if variant["report"] is not None and variant["format"] == "pytorch fp32":
             c = variant["report"]["config"]
             commands.insert(0, f"lrsparse compress --task embedding --train-text {c['train_text']} --data-dir DATA/glue "
-                               f"--keep {variant['keep']} --prune-epochs {c['prune_epochs']} --mixed-epochs "
-                               f"{c['mixed_epochs']} --distill-hidden-weight {c['distill_hidden_weight']} "
-                               f"--seed {c['seed']} --output runs/embedding/...")
+                               f"--keep {variant['keep']} --factorization {c['lpaf']['factorizer']} --prune-epochs "
+                               f"{c['prune_epochs']} --mixed-epochs {c['mixed_epochs']} --distill-hidden-weight "
+                               f"{c['distill_hidden_weight']} --seed {c['seed']} --output runs/embedding/...")
     report = {"machine": machine_info(), "threads": args.threads, "onnxruntime": onnxruntime.__version__,
               "sentence_transformers": sentence_transformers.__version__, "pairs": n, "sentences": len(sentences),
               "batch_size": args.batch_size, "rounds": args.rounds, "rows": summarize(variants, len(sentences)),
               "commands": commands}
+    render(report, args.out)
+
+
+def render(report: dict, out: Path | None) -> None:
     text = to_markdown(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        plot(report, args.out.with_suffix(".png"))
-        text += f"\n![STS-B Spearman against keep]({args.out.with_suffix('.png').name})\n"
-    save_report(report, text, None if args.out is None else args.out.with_suffix(".json"),
-                None if args.out is None else args.out.with_suffix(".md"))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot(report, out.with_suffix(".png"))
+        text += f"\n![STS-B Spearman against keep]({out.with_suffix('.png').name})\n"
+    save_report(report, text, None if out is None else out.with_suffix(".json"),
+                None if out is None else out.with_suffix(".md"))
 
 
 if __name__ == "__main__":
