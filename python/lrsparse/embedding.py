@@ -164,7 +164,8 @@ class SentenceEmbeddingModel(nn.Module):
         return (model, info) if output_loading_info else model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                output_hidden_states: bool = False, return_dict: bool = True, **ignored):
+                output_hidden_states: bool = False, return_dict: bool = True):
+        # No **kwargs: labels or other task inputs passed here are a mistake to report, not to drop.
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
