@@ -17,28 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, save_report  # noqa: E402
+from machine import machine_info, median_ms, save_report  # noqa: E402
 
 import lrsparse  # noqa: E402,F401  (registers torch.ops.lrsparse)
 from lrsparse.modeling import default_model  # noqa: E402
 
 RANK = 192
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def matrices() -> dict[str, torch.Tensor]:
@@ -76,7 +65,7 @@ def block_krylov(w: torch.Tensor, gram: torch.Tensor, block: int, depth: int, se
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds each timing runs (median)")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--note", default="", help="conditions of the run to state in the report (e.g. the load)")
     args = parser.parse_args(argv)
@@ -86,17 +75,17 @@ def main(argv=None) -> None:
     methods += [(f"block Krylov b={b} q={q} ({(q + 1) * b} columns)", lambda w, g, b=b, q=q: block_krylov(w, g, b, q))
                 for b, q in ((96, 3), (96, 4), (192, 2))]
     lines = ["# Partial eigensolvers for weighted_lowrank (no omega), 768 x 768, rank 192", "",
-             f"{machine_info()['date']}; {machine_info().get('cpu_model', '')}; {args.threads} thread(s); median of "
-             f"{args.repeats}. Excess error = captured-energy shortfall relative to the optimal truncation error "
+             f"{machine_info()['date']}; {machine_info().get('cpu_model', '')}; {args.threads} thread(s); medians "
+             f"(torch.utils.benchmark, >= {args.min_run_time} s each). Excess error = captured-energy shortfall relative to the optimal truncation error "
              "(the op's own contract is 1e-5, tests/test_factorization_robustness.py). " + args.note, ""]
     for name, w in matrices().items():
         gram = w @ w.T
         exact = torch.linalg.eigvalsh(gram.double())
         optimal = exact[:-RANK].sum()
-        full_eigh = median_ms(lambda: torch.linalg.eigh(gram), args.repeats)
-        op = median_ms(lambda: torch.ops.lrsparse.weighted_lowrank(w, RANK, None, 50, 1e-6, 0, 8), args.repeats)
-        svd = median_ms(lambda: torch.linalg.svd(w, full_matrices=False), args.repeats)
-        gram_ms = median_ms(lambda: w @ w.T, args.repeats)
+        full_eigh = median_ms(lambda: torch.linalg.eigh(gram), args.min_run_time)
+        op = median_ms(lambda: torch.ops.lrsparse.weighted_lowrank(w, RANK, None, 50, 1e-6, 0, 8), args.min_run_time)
+        svd = median_ms(lambda: torch.linalg.svd(w, full_matrices=False), args.min_run_time)
+        gram_ms = median_ms(lambda: w @ w.T, args.min_run_time)
         lines += [f"## {name}", "",
                   f"full SVD {svd:.0f} ms; the op {op:.0f} ms ({svd / op:.2f}x faster than the SVD); inside it the "
                   f"Gram product {gram_ms:.0f} ms and the full eigh {full_eigh:.0f} ms.", "",
@@ -110,8 +99,8 @@ def main(argv=None) -> None:
                 return torch.from_numpy(lapack_eigh(gram_np, subset_by_index=[768 - RANK, 767], driver="evr",
                                                     eigvals_only=False)[0])
 
-            full_lapack = median_ms(lambda: lapack_eigh(gram_np, driver="evd"), args.repeats)
-            evr_ms = median_ms(partial, args.repeats)
+            full_lapack = median_ms(lambda: lapack_eigh(gram_np, driver="evd"), args.min_run_time)
+            evr_ms = median_ms(partial, args.min_run_time)
             captured = partial().double().sum()
         lines.append(f"| LAPACK syevr, top {RANK} only (scipy; its full syevd: {full_lapack:.0f} ms) | "
                      f"{float((exact.sum() - captured) / optimal - 1):.1e} | {evr_ms:.0f} | "
@@ -119,7 +108,7 @@ def main(argv=None) -> None:
         for label, solve in methods:
             captured = solve(w, gram).double().sum()
             excess = float((exact.sum() - captured) / optimal - 1)
-            ms = median_ms(lambda: solve(w, gram), args.repeats)
+            ms = median_ms(lambda: solve(w, gram), args.min_run_time)
             lines.append(f"| {label} | {excess:.1e} | {ms:.0f} | {full_eigh / ms:.2f}x |")
         lines.append("")
     lines += ["Reading: on flat spectra (the Gaussian matrix and the real fine-tuned weights) neither iterative solver "
