@@ -85,29 +85,26 @@ def file_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def configuration(report: dict) -> tuple[str, dict]:
-    """A run's configuration label (keep, factorizer, any non-default matching) and its recipe, seed excluded."""
+def configuration(report: dict, base: dict) -> tuple[str, dict]:
+    """A run's configuration label (keep, factorizer, and whatever recipe option differs from ``base``, the first
+    run's) and its recipe, seed excluded."""
     config = report["config"]
-    label = f"keep {report['keep']} ({config['lpaf']['factorizer']}"
-    if config["distill_hidden_weight"]:
-        label += f", hidden {config['distill_hidden_weight']}"
-    if config["lpaf"]["mixed_rank_match"]:
-        label += f", match {config['lpaf']['mixed_rank_match']}"
-    return label + ")", {key: config[key] for key in RECIPE_KEYS}
+    recipe = {key: config[key] for key in RECIPE_KEYS} | {"mixed_rank_match": config["lpaf"]["mixed_rank_match"]}
+    differences = [f"{key} {value}" for key, value in recipe.items() if base.get(key, value) != value]
+    return f"keep {report['keep']} ({', '.join([config['lpaf']['factorizer'], *differences])})", recipe
 
 
 def load_models(args) -> list[dict]:
-    """The dense model and every run's model, each with its configuration label and seed. Runs of one label must
+    """The dense model and every run's model, each with its configuration label and seed. Runs of one label
     share their recipe, so that a mean over seeds is a mean over seeds only."""
     models = [{"model": "dense", "keep": 1.0, "seed": None, "net": SentenceEmbeddingModel.from_pretrained(args.model),
                "report": None, "recipe": None}]
-    recipes: dict[str, dict] = {}
-    for run in args.runs:
-        report = json.loads((run / "report.json").read_text())
-        label, recipe = configuration(report)
-        if recipes.setdefault(label, recipe) != recipe:
-            raise ValueError(f"--runs: {run} is '{label}' with recipe {recipe}, another run of that label has "
-                             f"{recipes[label]}; benchmark runs that differ only in their seed together")
+    reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
+    base = configuration(reports[0], {})[1]
+    for run, report in zip(args.runs, reports):
+        label, recipe = configuration(report, base)
+        if any(m["model"] == label and m["seed"] == report["seed"] for m in models):
+            raise ValueError(f"--runs: {run} repeats '{label}' seed {report['seed']}")
         models.append({"model": label, "keep": report["keep"], "seed": report["seed"],
                        "net": load_compressed(run / "model"), "report": report, "recipe": recipe})
     timed = {}
