@@ -214,12 +214,17 @@ def to_markdown(report: dict) -> str:
         "",
         "## Quality over seeds",
         "",
+        "Trivial baseline: a constant embedding (every pair at cosine 1) scores Spearman 0.00; a configuration whose "
+        "mean is within 1 point of it is marked degenerate.",
+        "",
         "| model | format | seeds | STS-B Spearman | vs dense, same format | per seed |",
         "|---|---|---|---|---|---|",
     ]
     for q in report["quality"]:
         std = f" ± {100 * q['spearman_std']:.2f}" if len(q["seeds"]) > 1 else ""
-        lines.append(f"| {q['model']} | {q['format']} | {len(q['seeds'])} | {100 * q['spearman_mean']:.2f}{std} | "
+        degenerate = " (degenerate)" if 100 * q["spearman_mean"] <= 1.0 else ""
+        lines.append(f"| {q['model']}{degenerate} | {q['format']} | {len(q['seeds'])} | "
+                     f"{100 * q['spearman_mean']:.2f}{std} | "
                      f"{100 * (q['spearman_mean'] - dense[q['format']]):+.2f} | "
                      f"{', '.join(f'{100 * s:.2f}' for s in q['spearman'])} |")
     lines += [
