@@ -214,7 +214,7 @@ def to_markdown(report: dict) -> str:
         "",
         "## Quality over seeds",
         "",
-        "Trivial baseline: a constant embedding (every pair at cosine 1) scores Spearman 0.00; a configuration whose "
+        "Trivial baseline: a constant embedding ranks no pair above another (Spearman 0, strictly undefined); a configuration whose "
         "mean is within 1 point of it is marked degenerate.",
         "",
         "| model | format | seeds | STS-B Spearman | vs dense, same format | per seed |",
