@@ -1,39 +1,56 @@
 #!/usr/bin/env bash
-# GPU verification in two prepared commands, sized for a lent GPU machine (15 minutes of device time in all, at most
-# 10 per command, results back only as a few flat files). Run both back to back on one machine start:
+# GPU verification, sized for a lent GPU machine (15 minutes of device time in all, one to two of them to start the
+# machine, at most 10 per command, a machine given back 30 s after its last command, at most 8 flat result files):
 #
-#   benchmarks/gpu_verify.sh ops OUT       # <= 5 min: build with CUDA (sm_90), CUDA tests, compute-sanitizer,
-#                                          #   GPU op benchmarks (eager, torch.compile, HBM bandwidth, GEMM rate)
+#   benchmarks/gpu_verify.sh all OUT       # <= 9.5 min, the one command to spend a lease on: every step below in
+#                                          #   the order of what the CUDA targets need, each step's time capped so
+#                                          #   that the whole run ends inside BUDGET_SECONDS (default 570)
+#   benchmarks/gpu_verify.sh ops OUT       # <= 5 min: build with CUDA (sm_90), CUDA tests, GPU op benchmarks
+#                                          #   (eager, torch.compile, HBM bandwidth, GEMM rate), compute-sanitizer
 #   benchmarks/gpu_verify.sh quality OUT   # <= 6 min: GPU inference (dense vs keep 0.25, bf16, eager / compile /
 #                                          #   CUDA graphs) then quality-grid runs, one process per task sharing the GPU
+#                                          #   (needs the CUDA build of an `ops` run on the same machine)
 #
 # `--dry-run` before the mode runs the same steps on this CPU machine on tiny inputs (no build: the in-place build
-# of `make dev`; the CUDA tests skip), so the scripts are tested before GPU time is spent. The quality runs read
-# `.gpu_carry/` (benchmarks/prepare_gpu_carry.py: GLUE TSVs and MiniLM in fp16), which the device tool's `carry`
-# takes along. OUT gets summary.txt, the result JSON files and logs.tar.gz; merge the quality rows at home with
-# `python benchmarks/quality.py --merge OUT/quality_*.json`.
+# of `make dev`; the CUDA tests skip; no time budget), so the script is tested before GPU time is spent. The quality
+# runs read `.gpu_carry/` (benchmarks/prepare_gpu_carry.py: GLUE TSVs and MiniLM in fp16), which the device tool's
+# `carry` takes along. OUT gets at most six files: summary.txt, ops_DEVICE.{json,md}, inference_DEVICE.json,
+# quality_runs.tar.gz (one quality JSON per task: merge them at home with
+# `python benchmarks/quality.py --merge quality_*.json --out ...`) and logs.tar.gz (every step's log, environment.txt).
 # Needs on the GPU machine: a CUDA torch, nvcc, and the build/test dependencies in PYTHON (nothing is downloaded).
 # Exit status: 0 only if every checked step passed (benchmark and quality timings are informative).
 set -uo pipefail
 
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ $# -ne 2 ] || { [ "$1" != ops ] && [ "$1" != quality ]; }; then
-  echo "usage: $0 [--dry-run] ops|quality OUTPUT_DIR" >&2
+if [ $# -ne 2 ] || { [ "$1" != ops ] && [ "$1" != quality ] && [ "$1" != all ]; }; then
+  echo "usage: $0 [--dry-run] all|ops|quality OUTPUT_DIR" >&2
   exit 2
 fi
 MODE="$1"
 mkdir -p "$2" || exit 2
 OUT="$(cd "$2" && pwd)"
 cd "$(dirname "$0")/.." || exit 2
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 LOGS="$(mktemp -d)"
+CARRY="${CARRY:-.gpu_carry}"
 status=0
-step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+case "$MODE" in all) default_budget=570 ;; ops) default_budget=290 ;; *) default_budget=350 ;; esac
+BUDGET="${BUDGET_SECONDS:-$default_budget}"
+if [ $DRY = 1 ]; then BUDGET=100000; fi
+START=$SECONDS
+
+step() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - START))s $*" | tee -a "$OUT/summary.txt"; }
 finish() {
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   step "done: $MODE, exit status $status (results in $OUT)"
   exit $status
+}
+# seconds a step may take: its own cap, but never past the budget less what the later steps reserve
+cap() {
+  local own=$1 left=$((BUDGET - (SECONDS - START) - $2))
+  left=$((own < left ? own : left))
+  echo $((left > 5 ? left : 5))  # timeout 0 would mean no limit
 }
 if [ $DRY = 1 ]; then
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,122 +59,155 @@ else
   DEVICE=cuda
 fi
 
-step "environment ($MODE$([ $DRY = 1 ] && echo ', dry run'))"
+step "environment ($MODE$([ $DRY = 1 ] && echo ', dry run'), budget ${BUDGET} s)"
 {
   date -u
   git rev-parse HEAD 2>/dev/null || true
   nvidia-smi 2>&1 || echo "nvidia-smi not available"
   nvcc --version 2>&1 || echo "nvcc not found"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
-} > "$OUT/environment.txt" 2>&1
+} > "$LOGS/environment.txt" 2>&1
+grep -E "^torch|H200|H100|release|Driver" "$LOGS/environment.txt" | tee -a "$OUT/summary.txt"
 if [ $DRY = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)"; then
-  step "FAILED: $PY has no CUDA torch or no visible GPU (see environment.txt)"
+  step "FAILED: $PY has no CUDA torch or no visible GPU (environment.txt in logs.tar.gz)"
   status=1
   finish
 fi
-
-if [ "$MODE" = ops ]; then
-  if [ $DRY = 0 ]; then
-    step "build with LRSPARSE_CUDA=ON (sm_90)"
-    rm -f python/lrsparse/_C*.so  # an in-place CPU build would shadow the one installed here
-    if ! LRSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps \
-        -Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=90 -e . > "$LOGS/build.log" 2>&1; then
-      step "FAILED: build (see build.log in logs.tar.gz)"; status=1; finish
-    fi
-    export LRSPARSE_EXPECT_CUDA_BUILD=1  # tests/test_build.py: CUDA kernels must be registered
-  fi
-  "$PY" -c "import lrsparse; print(lrsparse.BUILD_INFO)" >> "$OUT/summary.txt" 2>&1
-
-  step "CUDA-facing tests"
-  # test_precision's pipeline run needs the MiniLM package and the data, which the GPU machine has not.
-  "$PY" -m pytest tests/test_cuda_ops.py tests/test_build.py tests/test_op_devices.py tests/test_precision.py -q -rs \
-      -p no:cacheprovider -k "not short_real_run" > "$LOGS/pytest.log" 2>&1
-  rc=$?
-  tail -n 5 "$LOGS/pytest.log" >> "$OUT/summary.txt"
-  if [ $rc -ne 0 ]; then step "FAILED: tests (exit $rc)"; status=1; fi
-
-  # memcheck (out-of-bounds, misaligned accesses) with torch's caching allocator off, so that an overrun past a tensor
-  # is not hidden inside a larger cached block; racecheck (shared-memory races) on the kernels that use shared memory.
-  SANITIZER="$(command -v compute-sanitizer || true)"
-  if [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then SANITIZER=/usr/local/cuda/bin/compute-sanitizer; fi
-  if [ $DRY = 1 ]; then
-    step "compute-sanitizer: not run in a dry run"
-  elif [ -n "$SANITIZER" ]; then
-    step "compute-sanitizer memcheck (tests/test_cuda_ops.py, 150 s at most)"
-    if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$SANITIZER" --tool memcheck --error-exitcode 99 \
-        "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider > "$LOGS/memcheck.log" 2>&1; then
-      step "FAILED or timed out: memcheck (see memcheck.log)"; status=1
-    fi
-    step "compute-sanitizer racecheck (top-k threshold and apply tests, 60 s at most)"
-    if ! timeout 60 "$SANITIZER" --tool racecheck --error-exitcode 99 \
-        "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider -k "topk or apply" > "$LOGS/racecheck.log" 2>&1; then
-      step "FAILED or timed out: racecheck (see racecheck.log)"; status=1
-    fi
-  else
-    step "NOT RUN: compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
-  fi
-
-  step "op benchmarks ($DEVICE)"
-  only=()
-  if [ $DRY = 1 ]; then only=(--only accumulate_importance --no-compile); fi
-  if ! timeout 120 "$PY" benchmarks/ops.py --quick --device "$DEVICE" "${only[@]}" --json "$OUT/ops_$DEVICE.json" \
-      --markdown "$OUT/ops_$DEVICE.md" > "$LOGS/bench.log" 2>&1; then
-    step "benchmarks failed or timed out (see bench.log); not counted in the exit status"
-  fi
-  finish
-fi
-
-# ---------------------------------------------------------------------------------------------------- quality
-CARRY="${CARRY:-.gpu_carry}"
-if [ ! -d "$CARRY/glue" ] || [ ! -d "$CARRY/minilm" ]; then
+if [ "$MODE" != ops ] && { [ ! -d "$CARRY/glue" ] || [ ! -d "$CARRY/minilm" ]; }; then
   step "FAILED: $CARRY/glue and $CARRY/minilm missing: run benchmarks/prepare_gpu_carry.py and carry $CARRY"
   status=1
   finish
 fi
-WORK="$(mktemp -d)"
-if [ $DRY = 1 ]; then
-  inference=(--one-process --device cpu --dtype fp32 --modes eager --rounds 1 --min-time 0.05 --seq-len 16)
-  quality=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25 --prune-epochs 0.5
-           --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
-  QUALITY_SECONDS=600
-else
-  inference=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2)
-  quality=(--device cuda --precision bf16 --sst2-train-samples 20000)
-  QUALITY_SECONDS="${QUALITY_SECONDS:-270}"
-fi
 
-step "inference: dense vs keep 0.25 ($DEVICE)"
-if ! timeout 60 "$PY" benchmarks/inference.py --model "$CARRY/minilm" --keeps 0.25 "${inference[@]}" \
-    --json "$OUT/inference_$DEVICE.json" > "$LOGS/inference.log" 2>&1; then
-  step "inference failed or timed out (see inference.log); not counted in the exit status"
-fi
+run_build() {
+  if [ $DRY = 0 ]; then
+    step "build with LRSPARSE_CUDA=ON (sm_90)"
+    rm -f python/lrsparse/_C*.so  # an in-place CPU build would shadow the one installed here
+    if ! PIP_BREAK_SYSTEM_PACKAGES=1 LRSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" timeout "$(cap 240 300)" \
+        "$PY" -m pip install --no-build-isolation --no-deps \
+        -Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=90 -e . > "$LOGS/build.log" 2>&1; then
+      step "FAILED: build (the end of build.log follows)"; tail -n 60 "$LOGS/build.log"; status=1; finish
+    fi
+    export LRSPARSE_EXPECT_CUDA_BUILD=1  # tests/test_build.py: CUDA kernels must be registered
+  fi
+  "$PY" -c "import lrsparse; print(lrsparse.BUILD_INFO)" 2>&1 | tee -a "$OUT/summary.txt"
+}
 
-# One process per task on the one GPU (the small model leaves it mostly idle); each stops after QUALITY_SECONDS and
-# keeps the rows of the runs it finished (dense first, then svd and lpaf from that dense checkpoint).
-step "quality runs: dense, svd, lpaf at keep 0.25, seed 0, one process per task, ${QUALITY_SECONDS} s"
-declare -A pids
-for task in sst2 mrpc cola stsb; do
-  timeout "$QUALITY_SECONDS" "$PY" benchmarks/quality.py --tasks "$task" --presets dense svd lpaf --keeps 0.25 \
-      --seeds 0 --model "$CARRY/minilm" --data-dir "$CARRY/glue" --work-dir "$WORK/runs" \
-      --out "$OUT/quality_$task" --no-render "${quality[@]}" > "$LOGS/quality_$task.log" 2>&1 &
-  pids[$task]=$!
-done
-for task in sst2 mrpc cola stsb; do
-  wait "${pids[$task]}"
+run_tests() {
+  step "CUDA-facing tests"
+  # test_precision's pipeline run needs the MiniLM package and the data, which the GPU machine has not.
+  timeout "$(cap 120 300)" "$PY" -m pytest tests/test_cuda_ops.py tests/test_build.py tests/test_op_devices.py \
+      tests/test_precision.py -q -rs -p no:cacheprovider -k "not short_real_run" > "$LOGS/pytest.log" 2>&1
+  local rc=$?
+  tail -n 8 "$LOGS/pytest.log" | tee -a "$OUT/summary.txt"
+  if [ $rc -ne 0 ]; then
+    step "FAILED: tests (exit $rc); failures:"; grep -E "^(FAILED|ERROR)|Error" "$LOGS/pytest.log" | head -n 30
+    status=1
+  fi
+}
+
+run_bench() {
+  step "op benchmarks ($DEVICE)"
+  local only=()
+  if [ $DRY = 1 ]; then only=(--only accumulate_importance --no-compile); fi
+  if ! timeout "$(cap 110 150)" "$PY" benchmarks/ops.py --quick --device "$DEVICE" "${only[@]}" \
+      --json "$OUT/ops_$DEVICE.json" --markdown "$OUT/ops_$DEVICE.md" > "$LOGS/bench.log" 2>&1; then
+    step "benchmarks failed or timed out; not counted in the exit status; the end of bench.log:"
+    tail -n 15 "$LOGS/bench.log"
+  fi
+  grep -E "^machine|lrsparse .* ms" "$LOGS/bench.log" | cut -c1-200 | tee -a "$OUT/summary.txt"
+}
+
+# memcheck (out-of-bounds, misaligned accesses) with torch's caching allocator off, so that an overrun past a tensor
+# is not hidden inside a larger cached block; racecheck (shared-memory races) on the kernels that use shared memory.
+run_sanitizer() {
+  local sanitizer
+  sanitizer="$(command -v compute-sanitizer || true)"
+  if [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then sanitizer=/usr/local/cuda/bin/compute-sanitizer; fi
+  if [ $DRY = 1 ]; then step "compute-sanitizer: not run in a dry run"; return; fi
+  if [ -z "$sanitizer" ]; then step "NOT RUN: compute-sanitizer not found (PATH, /usr/local/cuda/bin)"; return; fi
+  step "compute-sanitizer memcheck (tests/test_cuda_ops.py)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap 100 60)" "$sanitizer" --tool memcheck --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider > "$LOGS/memcheck.log" 2>&1
+  local rc=$?
+  tail -n 4 "$LOGS/memcheck.log" | tee -a "$OUT/summary.txt"
+  if [ $rc -ne 0 ]; then step "FAILED or timed out: memcheck (exit $rc)"; status=1; fi
+  step "compute-sanitizer racecheck (top-k threshold and apply tests)"
+  timeout "$(cap 40 15)" "$sanitizer" --tool racecheck --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda_ops.py -q -x -p no:cacheprovider -k "topk or apply" > "$LOGS/racecheck.log" 2>&1
   rc=$?
-  if [ $rc -eq 124 ]; then
-    step "quality $task: stopped at ${QUALITY_SECONDS} s (its finished runs are kept)"
-  elif [ $rc -ne 0 ]; then
-    step "FAILED: quality $task (exit $rc, see quality_$task.log)"; status=1
-  fi
-done
-for task in sst2 mrpc cola stsb; do
-  if [ -f "$OUT/quality_$task.json" ]; then
-    "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']; print(sys.argv[2], len(rows), 'rows:', \
-', '.join(f\"{r['preset']} {100 * r['main']:.1f}\" for r in rows))" "$OUT/quality_$task.json" "$task" \
-        >> "$OUT/summary.txt" 2>&1
+  tail -n 4 "$LOGS/racecheck.log" | tee -a "$OUT/summary.txt"
+  if [ $rc -ne 0 ]; then step "FAILED or timed out: racecheck (exit $rc)"; status=1; fi
+}
+
+run_inference() {
+  local args
+  if [ $DRY = 1 ]; then
+    args=(--one-process --device cpu --dtype fp32 --modes eager --rounds 1 --min-time 0.05 --seq-len 16)
   else
-    step "quality $task: no finished run"
+    args=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2)
   fi
-done
+  step "inference: dense vs keep 0.25 ($DEVICE)"
+  if ! timeout "$(cap 150 90)" "$PY" benchmarks/inference.py --model "$CARRY/minilm" --keeps 0.25 "${args[@]}" \
+      --json "$OUT/inference_$DEVICE.json" > "$LOGS/inference.log" 2>&1; then
+    step "inference failed or timed out; not counted in the exit status; the end of inference.log:"
+    tail -n 15 "$LOGS/inference.log"
+  fi
+  grep -E "speedup|seq_per_s" "$LOGS/inference.log" | cut -c1-240 | tee -a "$OUT/summary.txt"
+}
+
+# One process per task on the one GPU (the small model leaves it mostly idle); each stops at the time left and keeps
+# the rows of the runs it finished (dense first, then svd and lpaf from that dense checkpoint). Started in the
+# background so that the sanitizer runs, whose timings matter to nobody, share the remaining time with them.
+QUALITY_TASKS=(sst2 mrpc cola stsb)
+declare -A QUALITY_PIDS
+QUALITY_WORK=""
+start_quality() {
+  local args seconds task
+  if [ $DRY = 1 ]; then
+    args=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25 --prune-epochs 0.5
+          --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
+    seconds=600
+  else
+    args=(--device cuda --precision bf16 --sst2-train-samples 20000)
+    seconds="$(cap 100000 15)"
+  fi
+  if [ "$seconds" -lt 60 ]; then step "quality runs: NOT RUN (${seconds} s left of the budget)"; return; fi
+  step "quality runs: dense, svd, lpaf at keep 0.25, seed 0, one process per task, ${seconds} s, in the background"
+  QUALITY_WORK="$(mktemp -d)"
+  for task in "${QUALITY_TASKS[@]}"; do
+    timeout "$seconds" "$PY" benchmarks/quality.py --tasks "$task" --presets dense svd lpaf --keeps 0.25 \
+        --seeds 0 --model "$CARRY/minilm" --data-dir "$CARRY/glue" --work-dir "$QUALITY_WORK/runs" \
+        --out "$QUALITY_WORK/quality_$task" --no-render "${args[@]}" > "$LOGS/quality_$task.log" 2>&1 &
+    QUALITY_PIDS[$task]=$!
+  done
+}
+
+wait_quality() {
+  local task rc
+  if [ -z "$QUALITY_WORK" ]; then return; fi
+  for task in "${QUALITY_TASKS[@]}"; do
+    wait "${QUALITY_PIDS[$task]}"
+    rc=$?
+    if [ $rc -eq 124 ]; then
+      step "quality $task: stopped at the budget (its finished runs are kept)"
+    elif [ $rc -ne 0 ]; then
+      step "FAILED: quality $task (exit $rc); the end of its log:"; tail -n 15 "$LOGS/quality_$task.log"; status=1
+    fi
+    if [ -f "$QUALITY_WORK/quality_$task.json" ]; then
+      "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']; print(sys.argv[2], len(rows), 'rows:', \
+', '.join(f\"{r['preset']} {100 * r['main']:.1f}\" for r in rows))" "$QUALITY_WORK/quality_$task.json" "$task" \
+          2>&1 | tee -a "$OUT/summary.txt"
+    else
+      step "quality $task: no finished run; the end of its log:"; tail -n 3 "$LOGS/quality_$task.log"
+    fi
+  done
+  (cd "$QUALITY_WORK" && ls quality_*.json > /dev/null 2>&1 && tar -czf "$OUT/quality_runs.tar.gz" quality_*.json)
+}
+
+case "$MODE" in
+  ops) run_build; run_tests; run_bench; run_sanitizer ;;
+  quality) run_inference; start_quality; wait_quality ;;
+  all) run_build; run_tests; run_bench; run_inference; start_quality; run_sanitizer; wait_quality ;;
+esac
 finish

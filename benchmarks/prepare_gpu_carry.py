@@ -4,7 +4,7 @@ data nor the model package, and only the working tree travels, at most 64 MiB in
 
     PYTHONPATH=python python benchmarks/prepare_gpu_carry.py --data-dir ../shared/data/glue
 
-The model folder keeps every file of the packaged one except its weights, which are rewritten in fp16 (about 45 MB);
+The model folder keeps every file of the packaged one (sub-folders too) except its weights, which are rewritten in fp16 (about 45 MB);
 lrsparse loads them back in float32.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 TASK_FOLDERS = ("SST-2", "MRPC", "CoLA", "STS-B")
 LIMIT_BYTES = 64 * 2**20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot", ".xml")
+EXPORT_FOLDERS = ("onnx", "openvino")
 
 
 def main(argv=None) -> None:
@@ -39,9 +41,14 @@ def main(argv=None) -> None:
             shutil.copyfile(Path(args.data_dir) / task / f"{split}.tsv", args.out / "glue" / task / f"{split}.tsv")
     target = args.out / "minilm"
     target.mkdir()
-    for path in model.iterdir():
-        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot"):
-            shutil.copyfile(path, target / path.name)
+    # Every file but the weights, sub-folders too (1_Pooling/config.json says how sentence embeddings are pooled);
+    # the exported copies under onnx/ and openvino/ are weights in other formats.
+    for path in sorted(model.rglob("*")):
+        relative = path.relative_to(model)
+        if (path.is_file() and path.suffix not in WEIGHT_SUFFIXES
+                and relative.parts[0] not in EXPORT_FOLDERS):
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / relative)
     weights = load_file(str(model / "model.safetensors"))
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
               str(target / "model.safetensors"))
