@@ -1,6 +1,6 @@
 // Operator schemas of the lrsparse library and the pybind11 module that carries build information.
 // This file is always compiled: the kernels for each dispatch key register themselves in
-// <op>_cpu.cpp and cuda/<op>_cuda.cu, and the fake (meta) kernels and autograd live in python/lrsparse/ops.py.
+// <op>_cpu.cpp and cuda/<op>_cuda.cpp, and the fake (meta) kernels and autograd live in python/lrsparse/ops.py.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 

@@ -1,9 +1,13 @@
-// Device helpers shared by the raw lrsparse kernels (csrc/cuda/*_kernels.cu). Plain CUDA only, no torch headers,
-// so the kernels compile with a bare nvcc (`make cuda-check`).
+// Helpers shared by the raw lrsparse kernels (csrc/cuda/*_kernels.cu). Plain CUDA only, no torch headers, so the
+// kernels compile with a bare nvcc (`make cuda-check`). The launchers' headers (*_kernels.cuh) include this file and
+// are also read by the torch-facing glue (*_cuda.cpp), which the host C++ compiler builds: the device-only parts are
+// visible to nvcc alone (__CUDACC__).
 #pragma once
+#include <cuda_runtime.h>
+#ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +29,7 @@ constexpr int kThreadsPerBlock = 256;
 // Element type tag for the 16-bit / 32-bit floating inputs, so that host launchers take no template argument.
 enum class FloatKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
+#ifdef __CUDACC__
 template <typename T>
 __device__ __forceinline__ float to_float(T value);
 template <>
@@ -35,6 +40,7 @@ template <>
 __device__ __forceinline__ float to_float<__half>(__half value) { return __half2float(value); }
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) { return __bfloat162float(value); }
+#endif  // __CUDACC__
 
 // Grid for a grid-stride loop over `work_items`: enough blocks to fill the device, never more than the work needs.
 inline cudaError_t grid_stride_blocks(int64_t work_items, int threads_per_block, int* blocks) {
@@ -51,6 +57,7 @@ inline bool is_aligned(const void* ptr, size_t bytes) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
+#ifdef __CUDACC__
 // Inclusive prefix sum over a warp (lane order), with every lane active.
 template <typename T>
 __device__ __forceinline__ T warp_inclusive_sum(T value) {
@@ -83,6 +90,7 @@ __device__ __forceinline__ T block_exclusive_sum(T value, T* warp_sums, T* block
   __syncthreads();  // warp_sums may be reused right after
   return result;
 }
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace lrsparse

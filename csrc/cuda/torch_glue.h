@@ -1,5 +1,6 @@
-// Helpers for the torch-facing CUDA glue (csrc/cuda/*_cuda.cu): device guard, current stream and dtype tags for
-// the raw launchers, which take raw pointers and a cudaStream_t only.
+// Helpers for the torch-facing CUDA glue (csrc/cuda/*_cuda.cpp): device guard, current stream and dtype tags for
+// the raw launchers, which take raw pointers and a cudaStream_t only. The glue is plain C++, built by the host
+// compiler like the CPU kernels: nvcc compiles the kernels alone and never sees a torch header.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
