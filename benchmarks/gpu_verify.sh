@@ -10,6 +10,8 @@
 #   benchmarks/gpu_verify.sh quality OUT   # <= 6 min: GPU inference (dense vs keep 0.25, bf16, eager / compile /
 #                                          #   CUDA graphs) then quality-grid runs, one process per task sharing the GPU
 #                                          #   (needs the CUDA build of an `ops` run on the same machine)
+#   benchmarks/gpu_verify.sh grid OUT      # <= 9.5 min: build, then the keep-0.25 quality grid (dense, lpaf, svd,
+#                                          #   fwsvd; seeds 0 1 2; one process per task and seed; bf16)
 #
 # `--dry-run` before the mode runs the same steps on this CPU machine on tiny inputs (no build: the in-place build
 # of `make dev`; the CUDA tests skip; no time budget), so the script is tested before GPU time is spent. The quality
@@ -23,8 +25,8 @@ set -uo pipefail
 
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ $# -ne 2 ] || { [ "$1" != ops ] && [ "$1" != quality ] && [ "$1" != all ]; }; then
-  echo "usage: $0 [--dry-run] all|ops|quality OUTPUT_DIR" >&2
+if [ $# -ne 2 ] || { [ "$1" != ops ] && [ "$1" != quality ] && [ "$1" != all ] && [ "$1" != grid ]; }; then
+  echo "usage: $0 [--dry-run] all|ops|quality|grid OUTPUT_DIR" >&2
   exit 2
 fi
 MODE="$1"
@@ -35,7 +37,7 @@ PY="${PYTHON:-python3}"
 LOGS="$(mktemp -d)"
 CARRY="${CARRY:-.gpu_carry}"
 status=0
-case "$MODE" in all) default_budget=570 ;; ops) default_budget=290 ;; *) default_budget=350 ;; esac
+case "$MODE" in all | grid) default_budget=570 ;; ops) default_budget=290 ;; *) default_budget=350 ;; esac
 BUDGET="${BUDGET_SECONDS:-$default_budget}"
 if [ $DRY = 1 ]; then BUDGET=100000; fi
 START=$SECONDS
@@ -183,50 +185,59 @@ run_inference() {
   grep -E "speedup|seq_per_s" "$LOGS/inference.log" | cut -c1-240 | tee -a "$OUT/summary.txt"
 }
 
-# One process per task on the one GPU (the small model leaves it mostly idle); each stops at the time left and keeps
-# the rows of the runs it finished (dense first, then svd and lpaf from that dense checkpoint). Started in the
-# background so that the sanitizer runs, whose timings matter to nobody, share the remaining time with them.
+# One process per (task, seed) on the one GPU (the small model leaves it mostly idle); each stops at the time left
+# and keeps the rows of the runs it finished (dense first, then the other presets from that dense checkpoint).
+# Started in the background so that the sanitizer runs, whose timings matter to nobody, share the time with them.
+# QUALITY_SEEDS and QUALITY_PRESETS choose the runs (`grid` mode: the whole keep-0.25 grid, three seeds).
 QUALITY_TASKS=(sst2 mrpc cola stsb)
+QUALITY_JOBS=()
 declare -A QUALITY_PIDS
 QUALITY_WORK=""
 start_quality() {
-  local args seconds task
+  local args seconds task seed job presets seeds
+  seeds="${QUALITY_SEEDS:-0}"
+  presets="${QUALITY_PRESETS:-dense svd lpaf}"
   if [ $DRY = 1 ]; then
     args=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25 --prune-epochs 0.5
           --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
     seconds=600
   else
-    args=(--device cuda --precision bf16 --sst2-train-samples 20000)
+    args=(--device cuda --precision bf16 --sst2-train-samples "${QUALITY_SST2_SAMPLES:-20000}")
     seconds="$(cap 100000 15)"
   fi
   if [ "$seconds" -lt 60 ]; then step "quality runs: NOT RUN (${seconds} s left of the budget)"; return; fi
-  step "quality runs: dense, svd, lpaf at keep 0.25, seed 0, one process per task, ${seconds} s, in the background"
+  step "quality runs: $presets at keep 0.25, seeds $seeds, one process per task and seed, ${seconds} s, in the background"
   QUALITY_WORK="$(mktemp -d)"
-  for task in "${QUALITY_TASKS[@]}"; do
-    timeout "$seconds" "$PY" benchmarks/quality.py --tasks "$task" --presets dense svd lpaf --keeps 0.25 \
-        --seeds 0 --model "$CARRY/minilm" --data-dir "$CARRY/glue" --work-dir "$QUALITY_WORK/runs" \
-        --out "$QUALITY_WORK/quality_$task" --no-render "${args[@]}" > "$LOGS/quality_$task.log" 2>&1 &
-    QUALITY_PIDS[$task]=$!
+  for seed in $seeds; do
+    for task in "${QUALITY_TASKS[@]}"; do
+      job="${task}_s$seed"
+      # shellcheck disable=SC2086  # presets: one word each
+      timeout "$seconds" "$PY" benchmarks/quality.py --tasks "$task" --presets $presets --keeps 0.25 \
+          --seeds "$seed" --model "$CARRY/minilm" --data-dir "$CARRY/glue" --work-dir "$QUALITY_WORK/runs" \
+          --out "$QUALITY_WORK/quality_$job" --no-render "${args[@]}" > "$LOGS/quality_$job.log" 2>&1 &
+      QUALITY_PIDS[$job]=$!
+      QUALITY_JOBS+=("$job")
+    done
   done
 }
 
 wait_quality() {
-  local task rc
+  local job rc
   if [ -z "$QUALITY_WORK" ]; then return; fi
-  for task in "${QUALITY_TASKS[@]}"; do
-    wait "${QUALITY_PIDS[$task]}"
+  for job in "${QUALITY_JOBS[@]}"; do
+    wait "${QUALITY_PIDS[$job]}"
     rc=$?
     if [ $rc -eq 124 ]; then
-      step "quality $task: stopped at the budget (its finished runs are kept)"
+      step "quality $job: stopped at the budget (its finished runs are kept)"
     elif [ $rc -ne 0 ]; then
-      step "FAILED: quality $task (exit $rc); the end of its log:"; tail -n 15 "$LOGS/quality_$task.log"; status=1
+      step "FAILED: quality $job (exit $rc); the end of its log:"; tail -n 15 "$LOGS/quality_$job.log"; status=1
     fi
-    if [ -f "$QUALITY_WORK/quality_$task.json" ]; then
+    if [ -f "$QUALITY_WORK/quality_$job.json" ]; then
       "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']; print(sys.argv[2], len(rows), 'rows:', \
-', '.join(f\"{r['preset']} {100 * r['main']:.1f}\" for r in rows))" "$QUALITY_WORK/quality_$task.json" "$task" \
+', '.join(f\"{r['preset']} {100 * r['main']:.1f}\" for r in rows))" "$QUALITY_WORK/quality_$job.json" "$job" \
           2>&1 | tee -a "$OUT/summary.txt"
     else
-      step "quality $task: no finished run; the end of its log:"; tail -n 3 "$LOGS/quality_$task.log"
+      step "quality $job: no finished run; the end of its log:"; tail -n 3 "$LOGS/quality_$job.log"
     fi
   done
   (cd "$QUALITY_WORK" && ls quality_*.json > /dev/null 2>&1 && tar -czf "$OUT/quality_runs.tar.gz" quality_*.json)
@@ -236,5 +247,8 @@ case "$MODE" in
   ops) run_build; run_tests; run_bench; run_sanitizer ;;
   quality) run_inference; start_quality; wait_quality ;;
   all) run_build; run_tests; run_bench; run_inference; start_quality; run_sanitizer; wait_quality ;;
+  grid)
+    QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}" QUALITY_PRESETS="${QUALITY_PRESETS:-dense lpaf svd fwsvd}"
+    run_build; start_quality; wait_quality ;;
 esac
 finish
