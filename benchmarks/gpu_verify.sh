@@ -174,7 +174,8 @@ run_inference() {
   if [ $DRY = 1 ]; then
     args=(--one-process --device cpu --dtype fp32 --modes eager --rounds 1 --min-time 0.05 --seq-len 16)
   else
-    args=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2)
+    # batch 256: where the thin GEMMs of the low-rank model stop being latency-bound on a large GPU
+    args=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2 --batch-sizes 32 256 1)
   fi
   step "inference: dense vs keep 0.25 ($DEVICE)"
   if ! timeout "$(cap 150 90)" "$PY" benchmarks/inference.py --model "$CARRY/minilm" --keeps 0.25 "${args[@]}" \

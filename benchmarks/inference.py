@@ -27,7 +27,9 @@ from pathlib import Path
 
 SCENARIOS = (("alone, 2 threads", 1, 2), ("alone, 1 thread", 1, 1), ("2 workers x 1 thread", 2, 1),
              ("2 workers x 2 threads", 2, 2))
-BATCHES = ((32, "throughput bs32"), (1, "latency bs1"))
+def batches(sizes) -> list[tuple[int, str]]:
+    """(batch size, measure label) pairs: batch 1 measures latency, larger ones throughput."""
+    return [(b, "latency bs1" if b == 1 else f"throughput bs{b}") for b in sizes]
 
 
 def make_compressed(model_path: str, keep: float, out_dir: Path) -> None:
@@ -62,7 +64,7 @@ def worker(args) -> None:
     gen = torch.Generator().manual_seed(0)
     results = {}
     with torch.inference_mode():
-        for batch, label in BATCHES:
+        for batch, label in batches(args.batch_sizes):
             ids = torch.randint(1000, models["dense"].config.vocab_size, (batch, args.seq_len), generator=gen)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             for model in models.values():
@@ -96,7 +98,7 @@ def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     with torch.inference_mode():
-        for batch, label in BATCHES:
+        for batch, label in batches(args.batch_sizes):
             ids = torch.randint(1000, models["dense"].config.vocab_size, (batch, args.seq_len), generator=gen)
             inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
             for mode in args.modes:
@@ -142,7 +144,8 @@ def linear_share(model_path: str, seq_len: int, threads: int) -> float:
 def run_scenario(args, paths, workers: int, threads: int) -> list[dict]:
     command = [sys.executable, __file__, "--worker", "--model", args.model, "--threads", str(threads),
                "--seq-len", str(args.seq_len), "--rounds", str(args.rounds), "--min-time", str(args.min_time),
-               "--keeps", *map(str, args.keeps), "--paths", *map(str, paths)]
+               "--keeps", *map(str, args.keeps), "--batch-sizes", *map(str, args.batch_sizes),
+               "--paths", *map(str, paths)]
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(workers)]
     for proc in procs:  # every worker has loaded its models before any starts timing
@@ -161,9 +164,10 @@ def run_scenario(args, paths, workers: int, threads: int) -> list[dict]:
     return results
 
 
-def summarize(scenario: str, workers: int, threads: int, results: list[dict], keeps, flop_ratio: dict) -> list[dict]:
+def summarize(scenario: str, workers: int, threads: int, results: list[dict], keeps, flop_ratio: dict,
+              batch_sizes) -> list[dict]:
     rows = []
-    for _, label in BATCHES:
+    for _, label in batches(batch_sizes):
         for keep in keeps:
             name = f"keep {keep}"
             speedups, dense_rate, compressed_rate = [], 0.0, 0.0
@@ -207,6 +211,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="dense checkpoint (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.25])
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1],
+                        help="sequences per forward (1: latency; larger: throughput)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per timing (blocked_autorange)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 0.3 s timings (a few minutes)")
@@ -255,7 +261,7 @@ def main(argv=None):
             rows = gpu_measure(args, paths, flop_ratio)
         for scenario, workers, threads in (() if one_process else SCENARIOS):
             results = run_scenario(args, paths, workers, threads)
-            new = summarize(scenario, workers, threads, results, args.keeps, flop_ratio)
+            new = summarize(scenario, workers, threads, results, args.keeps, flop_ratio, args.batch_sizes)
             rows += new
             for row in new:
                 print(json.dumps(row), flush=True)
