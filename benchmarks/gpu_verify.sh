@@ -11,13 +11,16 @@
 #                                          #   CUDA graphs) then quality-grid runs, one process per task sharing the GPU
 #                                          #   (needs the CUDA build of an `ops` run on the same machine)
 #   benchmarks/gpu_verify.sh grid OUT      # <= 9.5 min: build, then the keep-0.25 quality grid (dense, lpaf, svd,
-#                                          #   fwsvd; seeds 0 1 2; one process per task and seed; bf16)
+#                                          #   fwsvd; seeds 0 1 2; one process per task and seed; bf16; SST-2 on
+#                                          #   10,000 sentences; what does not finish is resumed by a second call on
+#                                          #   the same machine (work folder QUALITY_WORK_DIR,
+#                                          #   default /tmp/lrsparse_quality_grid)
 #
 # `--dry-run` before the mode runs the same steps on this CPU machine on tiny inputs (no build: the in-place build
 # of `make dev`; the CUDA tests skip; no time budget), so the script is tested before GPU time is spent. The quality
 # runs read `.gpu_carry/` (benchmarks/prepare_gpu_carry.py: GLUE TSVs and MiniLM in fp16), which the device tool's
 # `carry` takes along. OUT gets at most six files: summary.txt, ops_DEVICE.{json,md}, inference_DEVICE.json,
-# quality_runs.tar.gz (one quality JSON per task: merge them at home with
+# quality_runs.tar.gz (one quality JSON per task and seed: merge them at home with
 # `python benchmarks/quality.py --merge quality_*.json --out ...`) and logs.tar.gz (every step's log, environment.txt).
 # Needs on the GPU machine: a CUDA torch, nvcc, and the build/test dependencies in PYTHON (nothing is downloaded).
 # Exit status: 0 only if every checked step passed (benchmark and quality timings are informative).
@@ -208,7 +211,8 @@ start_quality() {
   fi
   if [ "$seconds" -lt 60 ]; then step "quality runs: NOT RUN (${seconds} s left of the budget)"; return; fi
   step "quality runs: $presets at keep 0.25, seeds $seeds, one process per task and seed, ${seconds} s, in the background"
-  QUALITY_WORK="$(mktemp -d)"
+  QUALITY_WORK="${QUALITY_WORK_DIR:-$(mktemp -d)}"
+  mkdir -p "$QUALITY_WORK"
   for seed in $seeds; do
     for task in "${QUALITY_TASKS[@]}"; do
       job="${task}_s$seed"
@@ -250,6 +254,7 @@ case "$MODE" in
   all) run_build; run_tests; run_bench; run_inference; start_quality; run_sanitizer; wait_quality ;;
   grid)
     QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}" QUALITY_PRESETS="${QUALITY_PRESETS:-dense lpaf svd fwsvd}"
+    QUALITY_SST2_SAMPLES="${QUALITY_SST2_SAMPLES:-10000}" QUALITY_WORK_DIR="${QUALITY_WORK_DIR:-/tmp/lrsparse_quality_grid}"
     run_build; start_quality; wait_quality ;;
 esac
 finish
