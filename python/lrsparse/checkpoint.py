@@ -127,8 +127,13 @@ class CheckpointStore:
         return [r["state_file"] for r in records if r.get("state_file")]
 
     def remove_states(self, manifest: dict) -> None:
+        """Removes the manifest's state files and any orphaned one: a process killed between a commit's manifest
+        write and its removal of the previous state leaves that state unreferenced, and a resumed run never sees
+        it."""
         for filename in self._state_files(manifest):
             (self.directory / filename).unlink(missing_ok=True)
+        for path in self.directory.glob("stage*.pt"):
+            path.unlink(missing_ok=True)
 
     def load_state(self, stage: dict) -> dict:
         path = self.directory / stage["state_file"]
