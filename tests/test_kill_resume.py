@@ -161,5 +161,5 @@ def test_finished_run_removes_a_state_orphaned_by_a_kill_inside_commit(monkeypat
     assert on_disk["in_progress"]["state_file"] == "stage1-prune-step16.pt"
     assert sorted(p.name for p in store.directory.iterdir()) == [
         "manifest.json", "stage1-prune-step12.pt", "stage1-prune-step16.pt"]
-    store.remove_states(on_disk)
+    store.remove_states()
     assert [p.name for p in store.directory.iterdir()] == ["manifest.json"]

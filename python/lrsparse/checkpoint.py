@@ -126,12 +126,10 @@ class CheckpointStore:
         records = [*manifest["stages"], *([manifest["in_progress"]] if "in_progress" in manifest else [])]
         return [r["state_file"] for r in records if r.get("state_file")]
 
-    def remove_states(self, manifest: dict) -> None:
-        """Removes the manifest's state files and any orphaned one: a process killed between a commit's manifest
-        write and its removal of the previous state leaves that state unreferenced, and a resumed run never sees
-        it."""
-        for filename in self._state_files(manifest):
-            (self.directory / filename).unlink(missing_ok=True)
+    def remove_states(self) -> None:
+        """Removes every state file (all are named ``stage*.pt`` by ``commit``), those the manifest names and any
+        orphan: a process killed between a commit's manifest write and its removal of the previous state leaves
+        that state unreferenced, and a resumed run never sees it. The manifest keeps every stage's record."""
         for path in self.directory.glob("stage*.pt"):
             path.unlink(missing_ok=True)
 

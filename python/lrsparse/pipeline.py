@@ -402,7 +402,7 @@ class CompressionRun:
         manifest["completed"] = True
         atomic_write_json(self.store.manifest_path, manifest)
         # The saved model supersedes the last stage's state; the manifest keeps every stage's record.
-        self.store.remove_states(manifest)
+        self.store.remove_states()
         for filename in TEACHER_FILES.values():
             (self.store.directory / filename).unlink(missing_ok=True)
         log.info("saved %s (%d bytes) and %s", model_dir, report["checkpoint_bytes"], self.output_dir / "report.json")
