@@ -2,25 +2,32 @@
 # GPU verification, sized for a lent GPU machine (15 minutes of device time in all, one to two of them to start the
 # machine, at most 10 per command, a machine given back 30 s after its last command, at most 8 flat result files):
 #
-#   benchmarks/gpu_verify.sh all OUT       # <= 9.5 min, the one command to spend a lease on: every step below in
-#                                          #   the order of what the CUDA targets need, each step's time capped so
-#                                          #   that the whole run ends inside BUDGET_SECONDS (default 570)
+#   benchmarks/gpu_verify.sh all OUT       # <= 9.5 min, the one command to spend a lease on: build, then the quality
+#                                          #   grid (as `grid` below) in the background from the start, sharing the
+#                                          #   GPU with the CUDA tests and compute-sanitizer and stopped (SIGSTOP)
+#                                          #   while the op benchmarks and the inference measurement time the GPU;
+#                                          #   each step's time capped so that the whole run ends inside
+#                                          #   BUDGET_SECONDS (default 570)
 #   benchmarks/gpu_verify.sh ops OUT       # <= 5 min: build with CUDA (sm_90), CUDA tests, GPU op benchmarks
 #                                          #   (eager, torch.compile, HBM bandwidth, GEMM rate), compute-sanitizer
 #   benchmarks/gpu_verify.sh quality OUT   # <= 6 min: GPU inference (dense vs keep 0.25, bf16, eager / compile /
 #                                          #   CUDA graphs) then quality-grid runs, one process per task sharing the GPU
 #                                          #   (needs the CUDA build of an `ops` run on the same machine)
-#   benchmarks/gpu_verify.sh grid OUT      # <= 9.5 min: build, then the keep-0.25 quality grid (dense, lpaf, svd,
-#                                          #   fwsvd; seeds 0 1 2; one process per task and seed; bf16; SST-2 on
-#                                          #   10,000 sentences; what does not finish is resumed by a second call on
-#                                          #   the same machine (work folder QUALITY_WORK_DIR,
-#                                          #   default /tmp/lrsparse_quality_grid)
+#   benchmarks/gpu_verify.sh grid OUT      # <= 9.5 min (BUDGET_SECONDS): build, then the quality grid of issue 13:
+#                                          #   one job per task and seed (QUALITY_TASKS, QUALITY_SEEDS: 0 1 2), each
+#                                          #   running in order the keep-0.25 presets (dense lpaf svd fwsvd), the
+#                                          #   LPAF ablations (QUALITY_ABLATION_TASKS: mrpc stsb), keeps 0.5 and 0.1
+#                                          #   then recipe variants (QUALITY_PHASES: grid ablations keeps variants);
+#                                          #   bf16; SST-2 on 10,000
+#                                          #   sentences; a later `all` or `grid` call on the same machine resumes
+#                                          #   what did not finish (QUALITY_WORK_DIR, default
+#                                          #   /tmp/lrsparse_quality_grid)
 #
 # `--dry-run` before the mode runs the same steps on this CPU machine on tiny inputs (no build: the in-place build
 # of `make dev`; the CUDA tests skip; no time budget), so the script is tested before GPU time is spent. The quality
 # runs read `.gpu_carry/` (benchmarks/prepare_gpu_carry.py: GLUE TSVs and MiniLM in fp16), which the device tool's
 # `carry` takes along. OUT gets at most six files: summary.txt, ops_DEVICE.{json,md}, inference_DEVICE.json,
-# quality_runs.tar.gz (one quality JSON per task and seed: merge them at home with
+# quality_runs.tar.gz (one quality JSON per task, seed and phase: merge them at home with
 # `python benchmarks/quality.py --merge quality_*.json --out ...`) and logs.tar.gz (every step's log, environment.txt).
 # Needs on the GPU machine: a CUDA torch, nvcc, and the build/test dependencies in PYTHON (nothing is downloaded).
 # Exit status: 0 only if every checked step passed (benchmark and quality timings are informative).
@@ -175,10 +182,13 @@ run_sanitizer() {
 run_inference() {
   local args
   if [ $DRY = 1 ]; then
-    args=(--one-process --device cpu --dtype fp32 --modes eager --rounds 1 --min-time 0.05 --seq-len 16)
+    args=(--one-process --device cpu --dtype fp32 --modes eager --rounds 1 --min-time 0.05 --seq-len 16
+          --rank-multiples 1 8)
   else
     # batch 256: where the thin GEMMs of the low-rank model stop being latency-bound on a large GPU
-    args=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2 --batch-sizes 32 256 1)
+    # ranks x8: whether tensor-core-friendly shapes close the gap (compile mode dropped: CUDA graphs compile too)
+    args=(--device cuda --dtype bf16 --rounds 3 --min-time 0.2 --batch-sizes 32 256 1 --rank-multiples 1 8
+          --modes eager cudagraphs)
   fi
   step "inference: dense vs keep 0.25 ($DEVICE)"
   if ! timeout "$(cap 150 90)" "$PY" benchmarks/inference.py --model "$CARRY/minilm" --keeps 0.25 "${args[@]}" \
@@ -189,61 +199,120 @@ run_inference() {
   grep -E "speedup|seq_per_s" "$LOGS/inference.log" | cut -c1-240 | tee -a "$OUT/summary.txt"
 }
 
-# One process per (task, seed) on the one GPU (the small model leaves it mostly idle); each stops at the time left
-# and keeps the rows of the runs it finished (dense first, then the other presets from that dense checkpoint).
-# Started in the background so that the sanitizer runs, whose timings matter to nobody, share the time with them.
-# QUALITY_SEEDS and QUALITY_PRESETS choose the runs (`grid` mode: the whole keep-0.25 grid, three seeds).
-QUALITY_TASKS=(sst2 mrpc cola stsb)
+# The quality grid of issue 13: one background job per (task, seed) on the one GPU (the small model leaves it mostly
+# idle), each running its runs in order of need: the keep-0.25 presets (QUALITY_PRESETS, dense first; every
+# compressed run starts from the seed-0 dense checkpoint, which the task's first job trains and the others wait
+# for), then on QUALITY_ABLATION_TASKS the LPAF ablations (one component removed at a time), then keeps 0.5 and 0.1
+# for lpaf and svd, then on the ablation tasks the candidates for the default recipe (VARIANTS). QUALITY_PHASES
+# picks among "grid ablations keeps variants". Every job stops at the budget and keeps the
+# rows of the runs it finished; the work folder QUALITY_WORK_DIR (default /tmp/lrsparse_quality_grid) lets a later
+# call on the same machine resume the unfinished ones. pause_quality / resume_quality stop the jobs (SIGSTOP) while
+# the benchmarks time the GPU.
+read -ra QUALITY_TASKS <<< "${QUALITY_TASKS:-sst2 mrpc cola stsb}"
+ABLATIONS=("no-prune pruner=none" "no-omega factorizer=svd" "no-mixed mixed_rank=none")
+# candidates for the default recipe: distillation from the dense model, the activation-aware factorizer, the
+# mixed-rank stage with the sparse path frozen as a per-layer teacher, per-forward stochastic replacement
+VARIANTS=("kd --distill-weight 0.5 --distill-hidden-weight 1.0" "act --set factorizer=activation-importance"
+          "match --set mixed_rank_match=1.0" "stochastic --mixed-rank stochastic")
 QUALITY_JOBS=()
 declare -A QUALITY_PIDS
 QUALITY_WORK=""
+QUALITY_DEADLINE=0
+
+quality_run() {  # OUT_NAME, then quality.py's own arguments
+  local name=$1 left=$((QUALITY_DEADLINE - SECONDS))
+  shift
+  if [ $left -lt 20 ]; then return 124; fi
+  timeout "$left" "$PY" benchmarks/quality.py --model "$CARRY/minilm" --data-dir "$CARRY/glue" \
+      --work-dir "$QUALITY_WORK/runs" --out "$QUALITY_WORK/quality_$name" --no-render "${QUALITY_ARGS[@]}" "$@" \
+      >> "$LOGS/quality_$name.log" 2>&1
+}
+
+quality_job() {  # TASK SEED; a failed run is reported by wait_quality, the budget's end stops the job
+  local task=$1 seed=$2 ablation variant setting
+  local phases=" ${QUALITY_PHASES:-grid ablations keeps variants} "
+  if [[ $phases == *" grid "* ]]; then
+    # shellcheck disable=SC2086  # presets: one word each
+    quality_run "${task}_s${seed}" --tasks "$task" --seeds "$seed" --keeps 0.25 --presets $QUALITY_PRESETS_LIST
+    if [ $? -eq 124 ]; then return; fi
+  fi
+  if [[ $phases == *" ablations "* ]] && [[ " ${QUALITY_ABLATION_TASKS:-mrpc stsb} " == *" $task "* ]]; then
+    for ablation in "${ABLATIONS[@]}"; do
+      read -r variant setting <<< "$ablation"
+      quality_run "${task}_s${seed}_$variant" --tasks "$task" --seeds "$seed" --keeps 0.25 --presets lpaf \
+        --variant "$variant" --set "$setting"
+      if [ $? -eq 124 ]; then return; fi
+    done
+  fi
+  if [[ $phases == *" keeps "* ]]; then
+    quality_run "${task}_s${seed}_keeps" --tasks "$task" --seeds "$seed" --keeps 0.5 0.1 --presets lpaf svd
+    if [ $? -eq 124 ]; then return; fi
+  fi
+  if [[ $phases == *" variants "* ]] && [[ " ${QUALITY_ABLATION_TASKS:-mrpc stsb} " == *" $task "* ]]; then
+    for ablation in "${VARIANTS[@]}"; do
+      read -r variant setting <<< "$ablation"
+      # shellcheck disable=SC2086  # setting: the variant's options, one word each
+      quality_run "${task}_s${seed}_$variant" --tasks "$task" --seeds "$seed" --keeps 0.25 --presets lpaf \
+        --variant "$variant" $setting
+      if [ $? -eq 124 ]; then return; fi
+    done
+  fi
+}
+
 start_quality() {
-  local args seconds task seed job presets seeds
-  seeds="${QUALITY_SEEDS:-0}"
-  presets="${QUALITY_PRESETS:-dense svd lpaf}"
+  local seconds task seed job
   if [ $DRY = 1 ]; then
-    args=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25 --prune-epochs 0.5
-          --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
-    seconds=600
+    QUALITY_ARGS=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25
+                  --prune-epochs 0.5 --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
+    seconds=100000
   else
-    args=(--device cuda --precision bf16 --sst2-train-samples "${QUALITY_SST2_SAMPLES:-20000}")
+    QUALITY_ARGS=(--device cuda --precision bf16 --sst2-train-samples "${QUALITY_SST2_SAMPLES:-20000}" --threads 1)
     seconds="$(cap 100000 15)"
   fi
   if [ "$seconds" -lt 60 ]; then step "quality runs: NOT RUN (${seconds} s left of the budget)"; return; fi
-  step "quality runs: $presets at keep 0.25, seeds $seeds, one process per task and seed, ${seconds} s, in the background"
+  QUALITY_PRESETS_LIST="${QUALITY_PRESETS:-dense svd lpaf}"
+  QUALITY_DEADLINE=$((SECONDS + seconds))
   QUALITY_WORK="${QUALITY_WORK_DIR:-$(mktemp -d)}"
   mkdir -p "$QUALITY_WORK"
-  for seed in $seeds; do
+  step "quality runs in the background, ${seconds} s: phases ${QUALITY_PHASES:-grid ablations keeps variants}; presets" \
+       "$QUALITY_PRESETS_LIST at keep 0.25; seeds ${QUALITY_SEEDS:-0}; one job per task and seed; work $QUALITY_WORK"
+  for seed in ${QUALITY_SEEDS:-0}; do
     for task in "${QUALITY_TASKS[@]}"; do
       job="${task}_s$seed"
-      # shellcheck disable=SC2086  # presets: one word each
-      timeout "$seconds" "$PY" benchmarks/quality.py --tasks "$task" --presets $presets --keeps 0.25 \
-          --seeds "$seed" --model "$CARRY/minilm" --data-dir "$CARRY/glue" --work-dir "$QUALITY_WORK/runs" \
-          --out "$QUALITY_WORK/quality_$job" --no-render "${args[@]}" > "$LOGS/quality_$job.log" 2>&1 &
+      quality_job "$task" "$seed" &
       QUALITY_PIDS[$job]=$!
       QUALITY_JOBS+=("$job")
     done
   done
 }
 
+# SIGSTOP/SIGCONT to the jobs' Python processes (not to `timeout`, whose deadline keeps running: the budget holds).
+signal_quality() {
+  local pids
+  pids="$(pgrep -f "benchmarks/quality.py --model $CARRY/minilm" || true)"
+  if [ -n "$pids" ]; then
+    # shellcheck disable=SC2086  # one pid a word
+    kill "-$1" $pids 2>/dev/null
+  fi
+}
+pause_quality() { if [ -n "$QUALITY_WORK" ]; then step "quality runs paused while the GPU is timed"; signal_quality STOP; fi; }
+resume_quality() { if [ -n "$QUALITY_WORK" ]; then step "quality runs resumed"; signal_quality CONT; fi; }
+
 wait_quality() {
-  local job rc
+  local job file
   if [ -z "$QUALITY_WORK" ]; then return; fi
   for job in "${QUALITY_JOBS[@]}"; do
     wait "${QUALITY_PIDS[$job]}"
-    rc=$?
-    if [ $rc -eq 124 ]; then
-      step "quality $job: stopped at the budget (its finished runs are kept)"
-    elif [ $rc -ne 0 ]; then
-      step "FAILED: quality $job (exit $rc); the end of its log:"; tail -n 15 "$LOGS/quality_$job.log"; status=1
-    fi
-    if [ -f "$QUALITY_WORK/quality_$job.json" ]; then
-      "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']; print(sys.argv[2], len(rows), 'rows:', \
-', '.join(f\"{r['preset']} {100 * r['main']:.1f}\" for r in rows))" "$QUALITY_WORK/quality_$job.json" "$job" \
-          2>&1 | tee -a "$OUT/summary.txt"
-    else
-      step "quality $job: no finished run; the end of its log:"; tail -n 3 "$LOGS/quality_$job.log"
-    fi
+  done
+  step "quality runs ended (budget or done); rows finished, per job and phase:"
+  for file in "$QUALITY_WORK"/quality_*.json; do
+    [ -f "$file" ] || continue
+    "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']; print(sys.argv[2], len(rows), 'rows:', \
+', '.join(f\"{r['preset']}{'+' + r['variant'] if r.get('variant') else ''} k{r['keep']} {100 * r['main']:.1f}\" \
+for r in rows))" "$file" "$(basename "$file" .json)" 2>&1 | tee -a "$OUT/summary.txt"
+  done
+  for file in $(grep -l "^Traceback" "$LOGS"/quality_*.log 2>/dev/null); do
+    step "FAILED: $(basename "$file" .log); the end of its log:"; tail -n 15 "$file"; status=1
   done
   (cd "$QUALITY_WORK" && ls quality_*.json > /dev/null 2>&1 && tar -czf "$OUT/quality_runs.tar.gz" quality_*.json)
 }
@@ -251,7 +320,13 @@ wait_quality() {
 case "$MODE" in
   ops) run_build; run_tests; run_bench; run_sanitizer ;;
   quality) run_inference; start_quality; wait_quality ;;
-  all) run_build; run_tests; run_bench; run_inference; start_quality; run_sanitizer; wait_quality ;;
+  all)
+    # The grid shares the GPU with the tests and the sanitizers (whose timings matter to nobody) and stops while
+    # the benchmarks and the inference measurement time it.
+    QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}" QUALITY_PRESETS="${QUALITY_PRESETS:-dense lpaf svd fwsvd}"
+    QUALITY_SST2_SAMPLES="${QUALITY_SST2_SAMPLES:-10000}" QUALITY_WORK_DIR="${QUALITY_WORK_DIR:-/tmp/lrsparse_quality_grid}"
+    run_build; start_quality; run_tests; pause_quality; run_bench; run_inference; resume_quality; run_sanitizer
+    wait_quality ;;
   grid)
     QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}" QUALITY_PRESETS="${QUALITY_PRESETS:-dense lpaf svd fwsvd}"
     QUALITY_SST2_SAMPLES="${QUALITY_SST2_SAMPLES:-10000}" QUALITY_WORK_DIR="${QUALITY_WORK_DIR:-/tmp/lrsparse_quality_grid}"

@@ -2,7 +2,7 @@
 with another worker sharing the cores.
 
     PYTHONPATH=python python benchmarks/inference.py --json benchmarks/results/inference_cpu.json \
-        --markdown benchmarks/results/inference_cpu.md [--keeps 0.25 0.5] [--quick]
+        --markdown benchmarks/results/inference_cpu.md [--keeps 0.25 0.5] [--rank-multiples 1 8] [--quick]
 
 Each worker process loads the dense encoder and every compressed one (all-MiniLM-L6-v2 factorized at each keep with
 the budget rank allocation and saved/reloaded as `lrsparse compress` saves it: weights do not change speed, shapes
@@ -13,7 +13,8 @@ once with 1 thread each (one per core: how servers run several workers) and with
 With ``--device cuda`` one process measures instead, in bf16 (``--dtype``), each model eager, under ``torch.compile``
 and under CUDA graphs (``torch.compile(mode="reduce-overhead")``), interleaved the same way.
 The ideal speedup assumes the target linears' time shrinks with their multiply-adds and nothing else changes (the
-linears' share of the dense forward is measured with the profiler in the same run).
+linears' share of the dense forward is measured with the profiler in the same run: on a GPU, their GEMM kernels'
+share of the kernel time at each batch size, which bounds what low rank can gain where the rest is latency-bound).
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def batches(sizes) -> list[tuple[int, str]]:
     return [(b, "latency bs1" if b == 1 else f"throughput bs{b}") for b in sizes]
 
 
-def make_compressed(model_path: str, keep: float, out_dir: Path) -> None:
+def variant_name(keep: float, rank_multiple: int) -> str:
+    return f"keep {keep}" + (f" ranks x{rank_multiple}" if rank_multiple > 1 else "")
+
+
+def make_compressed(model_path: str, keep: float, rank_multiple: int, out_dir: Path) -> None:
     import torch
     from transformers import AutoModel
 
@@ -42,7 +47,7 @@ def make_compressed(model_path: str, keep: float, out_dir: Path) -> None:
 
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(model_path)
-    factorize_model(model, keep, method="svd")
+    factorize_model(model, keep, method="svd", rank_multiple=rank_multiple)
     finalize_low_rank(model)
     save_compressed(model, out_dir)
 
@@ -57,8 +62,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     models = {"dense": AutoModel.from_pretrained(args.model).eval()}
-    for keep, path in zip(args.keeps, args.paths):
-        models[f"keep {keep}"] = load_compressed(path).eval()
+    for name, path in zip(args.names, args.paths):
+        models[name] = load_compressed(path).eval()
     print("ready", flush=True)
     sys.stdin.readline()
     gen = torch.Generator().manual_seed(0)
@@ -79,7 +84,7 @@ def worker(args) -> None:
     print(json.dumps(results), flush=True)
 
 
-def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
+def gpu_measure(args, variants: list[dict]) -> list[dict]:
     """Dense against each compressed model on the GPU: eager, compiled and CUDA-graph modes, interleaved rounds."""
     import torch
     import torch.utils.benchmark as tb
@@ -90,8 +95,8 @@ def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = torch.device(args.device)
     models = {"dense": AutoModel.from_pretrained(args.model)}
-    for keep, path in zip(args.keeps, paths):
-        models[f"keep {keep}"] = load_compressed(path)
+    for variant in variants:
+        models[variant["name"]] = load_compressed(variant["path"])
     models = {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
     modes = {"eager": lambda m: m, "compile": torch.compile,
              "cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead")}
@@ -101,6 +106,7 @@ def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
         for batch, label in batches(args.batch_sizes):
             ids = torch.randint(1000, models["dense"].config.vocab_size, (batch, args.seq_len), generator=gen)
             inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+            share = profiled_linear_share(models["dense"], inputs)
             for mode in args.modes:
                 runs = {name: modes[mode](model) for name, model in models.items()}
                 for run in runs.values():  # compilation and graph capture happen here, outside the timings
@@ -111,20 +117,46 @@ def gpu_measure(args, paths, flop_ratio: dict) -> list[dict]:
                     for name, run in runs.items():
                         timer = tb.Timer("run(**inputs)", globals={"run": run, "inputs": inputs})
                         times[name].append(timer.blocked_autorange(min_run_time=args.min_time).median)
-                for keep in args.keeps:
-                    dense, compressed = times["dense"], times[f"keep {keep}"]
+                for variant in variants:
+                    dense, compressed = times["dense"], times[variant["name"]]
                     speedups = [d / c for d, c in zip(dense, compressed)]
                     rows.append({"scenario": f"{args.device} {args.dtype} {mode}", "workers": 1, "threads": None,
-                                 "measure": label, "keep": keep, "speedup": statistics.median(speedups),
+                                 "measure": label, "keep": variant["keep"],
+                                 "rank_multiple": variant["rank_multiple"], "speedup": statistics.median(speedups),
                                  "speedup_min": min(speedups), "speedup_max": max(speedups),
                                  "dense_seq_per_s": batch / statistics.median(dense),
                                  "compressed_seq_per_s": batch / statistics.median(compressed),
-                                 "linear_flop_ratio": flop_ratio[keep]})
+                                 "linear_flop_ratio": variant["flop_ratio"], "linear_share": share})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def linear_share(model_path: str, seq_len: int, threads: int) -> float:
+def profiled_linear_share(model, inputs) -> float | None:
+    """Fraction of the model's time at this batch spent in the linears' GEMMs (aten::addmm and aten::mm), from the
+    profiler: kernel time on a GPU, CPU time otherwise; None where the profiler gives no times."""
+    import torch
+
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    try:
+        model(**inputs)
+        sync()
+        with torch.profiler.profile(activities=activities) as prof:
+            model(**inputs)
+            sync()
+        events = prof.key_averages()
+        # Kernels' self times add up to the GPU's busy time; an op's device total includes the kernels it launched.
+        total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+        linear = sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events
+                     if e.key in ("aten::addmm", "aten::mm"))
+        return linear / total if total > 0 else None
+    except Exception as exc:  # a measurement beside the timings must not cost them
+        print(f"profiled linear share not measured: {exc!r}", flush=True)
+        return None
+
+
+def linear_share(model_path: str, seq_len: int, threads: int) -> float | None:
     """Fraction of the dense forward (batch 32, CPU) spent in the encoder's linear layers, from the profiler."""
     import torch
     from transformers import AutoModel
@@ -133,19 +165,14 @@ def linear_share(model_path: str, seq_len: int, threads: int) -> float:
     model = AutoModel.from_pretrained(model_path).eval()
     ids = torch.randint(1000, model.config.vocab_size, (32, seq_len))
     with torch.inference_mode():
-        model(input_ids=ids)
-        with torch.profiler.profile() as prof:
-            model(input_ids=ids)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm")) / total
+        return profiled_linear_share(model, {"input_ids": ids})
 
 
-def run_scenario(args, paths, workers: int, threads: int) -> list[dict]:
+def run_scenario(args, variants: list[dict], workers: int, threads: int) -> list[dict]:
     command = [sys.executable, __file__, "--worker", "--model", args.model, "--threads", str(threads),
                "--seq-len", str(args.seq_len), "--rounds", str(args.rounds), "--min-time", str(args.min_time),
-               "--keeps", *map(str, args.keeps), "--batch-sizes", *map(str, args.batch_sizes),
-               "--paths", *map(str, paths)]
+               "--batch-sizes", *map(str, args.batch_sizes), "--names", *(v["name"] for v in variants),
+               "--paths", *(str(v["path"]) for v in variants)]
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(workers)]
     for proc in procs:  # every worker has loaded its models before any starts timing
@@ -164,12 +191,12 @@ def run_scenario(args, paths, workers: int, threads: int) -> list[dict]:
     return results
 
 
-def summarize(scenario: str, workers: int, threads: int, results: list[dict], keeps, flop_ratio: dict,
+def summarize(scenario: str, workers: int, threads: int, results: list[dict], variants: list[dict],
               batch_sizes) -> list[dict]:
     rows = []
     for _, label in batches(batch_sizes):
-        for keep in keeps:
-            name = f"keep {keep}"
+        for variant in variants:
+            name = variant["name"]
             speedups, dense_rate, compressed_rate = [], 0.0, 0.0
             for result in results:
                 entry = result[label]
@@ -178,9 +205,9 @@ def summarize(scenario: str, workers: int, threads: int, results: list[dict], ke
                 dense_rate += entry["batch"] / statistics.median(dense)
                 compressed_rate += entry["batch"] / statistics.median(compressed)
             rows.append({"scenario": scenario, "workers": workers, "threads": threads, "measure": label,
-                         "keep": keep, "speedup": statistics.median(speedups), "speedup_min": min(speedups),
+                         "keep": variant["keep"], "rank_multiple": variant["rank_multiple"], "speedup": statistics.median(speedups), "speedup_min": min(speedups),
                          "speedup_max": max(speedups), "dense_seq_per_s": dense_rate,
-                         "compressed_seq_per_s": compressed_rate, "linear_flop_ratio": flop_ratio[keep]})
+                         "compressed_seq_per_s": compressed_rate, "linear_flop_ratio": variant["flop_ratio"]})
     return rows
 
 
@@ -190,17 +217,21 @@ def to_markdown(report: dict) -> str:
              f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, torch {m['torch']}. "
              f"all-MiniLM-L6-v2 encoder, {report['seq_len']} tokens per sequence, "
              f"{report['rounds']} interleaved rounds per worker. Linears' share of the dense forward (batch 32, "
-             f"2 threads, profiler): {report['linear_share']:.1%}. Command: `python benchmarks/inference.py"
-             f"{' --quick' if report['quick'] else ''} --keeps {' '.join(map(str, report['keeps']))}`.", "",
+             f"2 threads, profiler): {report['linear_share'] or 0:.1%}. Command: `python benchmarks/inference.py"
+             f"{' --quick' if report['quick'] else ''} --keeps {' '.join(map(str, report['keeps']))}"
+             + (f" --rank-multiples {' '.join(map(str, report['rank_multiples']))}"
+                if report.get("rank_multiples", [1]) != [1] else "") + "`.", "",
              "Speedup: median over rounds of dense time / compressed time (min-max in brackets); seq/s summed "
              "over the workers. Ideal: the linears' time scaled by their multiply-adds, the rest unchanged.", "",
-             "| scenario | measure | keep | speedup | ideal | dense seq/s | compressed seq/s |",
+             "| scenario | measure | compressed model | speedup | ideal | dense seq/s | compressed seq/s |",
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        # The linears' share is profiled on the CPU: no ideal is claimed for a GPU row.
-        ideal = 1 / (1 - report["linear_share"] * (1 - r["linear_flop_ratio"]))
-        ideal_text = f"{ideal:.2f}x" if report.get("device", "cpu") == "cpu" else "-"
-        lines.append(f"| {r['scenario']} | {r['measure']} | {r['keep']} | {r['speedup']:.2f}x "
+        # A GPU row carries the GEMMs' share of the dense model's kernel time at its batch (profiled there); the
+        # CPU rows use the CPU profile.
+        share = r["linear_share"] if "linear_share" in r else report["linear_share"]
+        ideal_text = "-" if share is None else f"{1 / (1 - share * (1 - r['linear_flop_ratio'])):.2f}x"
+        lines.append(f"| {r['scenario']} | {r['measure']} | {variant_name(r['keep'], r.get('rank_multiple', 1))} | "
+                     f"{r['speedup']:.2f}x "
                      f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {ideal_text} | {r['dense_seq_per_s']:.1f} | "
                      f"{r['compressed_seq_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -210,6 +241,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="dense checkpoint (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--rank-multiples", type=int, nargs="+", default=[1],
+                        help="compress each keep once per value: ranks rounded down to a multiple of it (8: the "
+                             "shapes tensor cores want)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1],
                         help="sequences per forward (1: latency; larger: throughput)")
@@ -227,6 +261,7 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--paths", nargs="+", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--names", nargs="+", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None:
         from lrsparse.modeling import default_model
@@ -246,26 +281,28 @@ def main(argv=None):
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        flop_ratio = {}
+        variants = []
         for keep in args.keeps:
-            out = Path(tmp) / f"keep{keep}"
-            make_compressed(args.model, keep, out)
-            paths.append(out)
-            layers = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
-            flop_ratio[keep] = (sum(m.rank * (m.in_features + m.out_features) for m in layers)
-                                / sum(m.in_features * m.out_features for m in layers))
+            for rank_multiple in args.rank_multiples:
+                out = Path(tmp) / f"keep{keep}-x{rank_multiple}"
+                make_compressed(args.model, keep, rank_multiple, out)
+                layers = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
+                variants.append({"name": variant_name(keep, rank_multiple), "keep": keep,
+                                 "rank_multiple": rank_multiple, "path": out,
+                                 "flop_ratio": sum(m.rank * (m.in_features + m.out_features) for m in layers)
+                                 / sum(m.in_features * m.out_features for m in layers)})
         share = linear_share(args.model, args.seq_len, 2)
         one_process = args.one_process or args.device != "cpu"
         if one_process:
-            rows = gpu_measure(args, paths, flop_ratio)
+            rows = gpu_measure(args, variants)
         for scenario, workers, threads in (() if one_process else SCENARIOS):
-            results = run_scenario(args, paths, workers, threads)
-            new = summarize(scenario, workers, threads, results, args.keeps, flop_ratio, args.batch_sizes)
+            results = run_scenario(args, variants, workers, threads)
+            new = summarize(scenario, workers, threads, results, variants, args.batch_sizes)
             rows += new
             for row in new:
                 print(json.dumps(row), flush=True)
     report = {"machine": machine_info(), "seq_len": args.seq_len, "rounds": args.rounds, "keeps": args.keeps,
+              "rank_multiples": args.rank_multiples,
               "quick": args.quick, "linear_share": share, "results": rows,
               "device": "one-process" if one_process else "cpu"}
     if one_process:

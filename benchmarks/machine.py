@@ -47,10 +47,11 @@ def measure_bandwidth_gbps(min_run_time: float) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def measure_gemm_gflops(min_run_time: float, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+def measure_gemm_gflops(min_run_time: float, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+    """Square ``size`` x ``size`` matrix product rate (a GPU needs a larger size than a CPU to reach its peak)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     ms = median_ms(lambda: torch.mm(a, b), min_run_time)
-    return 2 * 2048**3 / (ms * 1e-3) / 1e9
+    return 2 * size**3 / (ms * 1e-3) / 1e9
 
 
 def save_report(report: dict, text: str, json_path: Path | None, markdown_path: Path | None) -> None:

@@ -24,6 +24,12 @@ distillation from the dense model (outputs and every layer's hidden states)::
     python benchmarks/quality.py --tasks mrpc --presets lpaf --variant kd --distill-weight 0.5 \
         --distill-hidden-weight 1.0
 
+The ablations remove one LPAF component at a time with ``--set`` (any RecipeConfig or LPAFConfig field)::
+
+    python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-prune --set pruner=none
+    python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-omega --set factorizer=svd
+    python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-mixed --set mixed_rank=none
+
 Results: ``<out>.json`` = ``{"majority": {task: score}, "rows": [...]}`` with one self-describing row per run,
 ``<out>.md`` with mean +- std tables, ``<out>_<task>.png``. A run scoring within 1 point of the majority-class
 baseline (or below it) is marked degenerate. Each finished run is written at once; an interrupted run resumes
@@ -32,7 +38,9 @@ from its checkpoint on the next invocation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
@@ -45,6 +53,7 @@ from pathlib import Path
 import torch
 from plotting import line_plot
 
+from lrsparse.config import LPAFConfig
 from lrsparse.data import get_task, load_glue
 from lrsparse.metrics import compute_metrics
 from lrsparse.pipeline import finetune_dense, run_compression
@@ -136,7 +145,8 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
              "Main metric x 100, mean ± sample std over seeds (n = number of seeds). `majority` is the score of "
              "always predicting the most frequent training label (Pearson of a constant is 0). A run within 1 "
              "point of it, or below it, is degenerate (`deg.` counts them). Reproduce with the commands in "
-             "`benchmarks/quality.py`; every row of `quality.json` holds its machine, date, budget and minutes.", ""]
+             "`benchmarks/quality.py`; every row of `quality.json` holds its machine, date, budget and minutes "
+             "(minutes per run: the mean over the runs that were not resumed after an interruption).", ""]
     for task in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task]
         first = task_rows[0]
@@ -153,9 +163,11 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
             epoch_text = " / ".join(str(epochs.get(k, "-")) for k in ("dense", "prune", "mixed"))
             seeds = ", ".join(f"{r['seed']}: {100 * r['main']:.1f}{' (deg.)' if r['degenerate'] else ''}"
                               for r in sorted(group, key=lambda r: r["seed"]))
-            minutes = statistics.mean(r["minutes"] for r in group)
+            # A resumed run's minutes miss the part of its interrupted stage that ran before the interruption.
+            timed = [r["minutes"] for r in group if not r.get("resumed")]
+            minutes = f"{statistics.mean(timed):.0f}" if timed else "-"
             lines.append(f"| {preset} | {keep} | {len(group)} | {mean_std(mains)} | "
-                         f"{sum(r['degenerate'] for r in group)} | {epoch_text} | {minutes:.0f} | {seeds} |")
+                         f"{sum(r['degenerate'] for r in group)} | {epoch_text} | {minutes} | {seeds} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -179,6 +191,19 @@ def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> Non
             ax.errorbar(keeps, means, yerr=stds, marker="o", capsize=3, label=preset)
         if majority is not None:
             ax.axhline(100 * majority, color="gray", linestyle=":", label="majority class")
+
+
+def parse_override(parser: argparse.ArgumentParser, item: str) -> dict:
+    """``FIELD=VALUE`` of ``--set``: the field must be an option of the recipe or of the method."""
+    field, sep, text = item.partition("=")
+    known = {f.name for f in dataclasses.fields(RecipeConfig)} | {f.name for f in dataclasses.fields(LPAFConfig)}
+    if not sep or field not in known:
+        parser.error(f"--set expects FIELD=VALUE with FIELD one of the RecipeConfig or LPAFConfig fields, got {item!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return {field: value}
 
 
 def main(argv=None):
@@ -211,6 +236,9 @@ def main(argv=None):
     parser.add_argument("--distill-hidden-weight", type=float, default=0.0)
     parser.add_argument("--distill-teacher", default="dense", choices=["dense", "pruned"])
     parser.add_argument("--mixed-rank", default=None, help="mixed-rank strategy (default: the preset's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other recipe or method option (a RecipeConfig or LPAFConfig field; VALUE read as "
+                             "JSON, else as a string), e.g. --set pruner=none: the ablations; repeatable")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -218,7 +246,9 @@ def main(argv=None):
                       "distill_teacher": args.distill_teacher}
     if args.mixed_rank:
         recipe_options["mixed_rank"] = args.mixed_rank
-    if not args.variant and (args.distill_weight or args.distill_hidden_weight or args.mixed_rank):
+    for item in args.overrides:
+        recipe_options.update(parse_override(parser, item))
+    if not args.variant and (args.distill_weight or args.distill_hidden_weight or args.mixed_rank or args.overrides):
         parser.error("recipe options change the method: name the variant with --variant")
     results = Results(args.out)
     if args.merge:
@@ -255,8 +285,13 @@ def main(argv=None):
 
         def ensure_dense(seed: int) -> dict:
             folder = dense_dir(seed)
-            if not (folder / "dense_metrics.json").exists():
-                finetune_dense(RecipeConfig.create(task, 1.0, str(folder), seed=seed, **base), folder)
+            # Several processes may share a work folder (one per task and seed on a GPU): every one of them needs
+            # the seed-0 dense model, which exactly one of them must train while the others wait for it.
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (folder / "dense_metrics.json").exists():
+                    finetune_dense(RecipeConfig.create(task, 1.0, str(folder), seed=seed, **base), folder)
             return json.loads((folder / "dense_metrics.json").read_text())
 
         # Seeds outermost: an interrupted grid has every preset at the first seeds rather than one preset at all.
@@ -283,6 +318,7 @@ def main(argv=None):
                     config = RecipeConfig.create(task, keep, str(run_dir), method=preset, seed=seed, resume=True,
                                                  **options)
                     t0 = time.time()
+                    resumed = (run_dir / "checkpoint" / "manifest.json").is_file()
                     report = run_compression(config)
                     params = report["params"]
                     ranks = [layer["rank"] for layer in report["layers"] if layer.get("rank")]
@@ -293,7 +329,11 @@ def main(argv=None):
                         "train_examples": report.get("train_examples"),
                         "epochs": {"dense": args.dense_epochs, "prune": args.prune_epochs,
                                    "mixed": args.mixed_epochs},
-                        "minutes": report.get("run_seconds", time.time() - t0) / 60,
+                        # A resumed run's stages ran in several processes: their recorded times add up (the
+                        # part of a stage lost to the interruption is not counted: "resumed" says so).
+                        "minutes": sum(stage.get("seconds", 0.0) for stage in report["stages"]) / 60
+                        if resumed else report.get("run_seconds", time.time() - t0) / 60,
+                        "resumed": resumed,
                         "machine": machine(), "precision": args.precision, "date": now(),
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
