@@ -285,6 +285,21 @@ def test_missing_optional_package_is_a_clean_error(tmp_path, data_dir, minilm_pa
         capsys.readouterr().err)
 
 
+def test_folder_without_a_model_names_the_subfolder_that_has_one(tmp_path, data_dir, minilm_path, capsys,
+                                                                 no_model_loading):
+    # A pip package folder around the model (as the bundled MiniLM's): transformers alone asks for a `model_type` key.
+    package = tmp_path / "package"
+    (package / "model").mkdir(parents=True)
+    (package / "model" / "config.json").write_text("{}", encoding="utf-8")
+    expected = f"{package} is a folder without config.json .*the model may be in {package / 'model'}"
+    assert main(compress_argv(data_dir, str(package), tmp_path / "out")) == 2
+    assert re.search(f"lrsparse compress: error: model .* cannot be loaded .*: {expected}", capsys.readouterr().err)
+    assert main(["evaluate", "--model", str(package), "--task", "sst2", "--data-dir", str(data_dir / "glue"),
+                 "--max-eval-samples", "4"]) == 2
+    assert re.search(f"lrsparse evaluate: error: {expected}", capsys.readouterr().err)
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
 def test_unknown_method_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", "--task", "sst2", "--keep", "0.5", "--output", "x", "--method", "pca"])

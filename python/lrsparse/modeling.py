@@ -1,6 +1,9 @@
 """Loading a task model and its tokenizer, and counting its parameters."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -88,7 +91,19 @@ def load_model_config(source: str):
     try:
         return AutoConfig.from_pretrained(transformer_folder(source))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model {source!r} cannot be loaded (a local checkpoint folder or a hub name): {exc}") from exc
+        raise ValueError(f"model {source!r} cannot be loaded (a local checkpoint folder or a hub name): "
+                         f"{folder_hint(source) or exc}") from exc
+
+
+def folder_hint(source: str | os.PathLike) -> str:
+    """Why a local folder is not a model folder, naming the subfolders that are one ("" when ``source`` is not a
+    local folder, or has a config.json): transformers' own message for such a folder asks for a `model_type` key."""
+    path = Path(source)
+    if not path.is_dir() or (path / "config.json").is_file() or (path / "modules.json").is_file():
+        return ""
+    inside = sorted(str(config.parent) for config in path.glob("*/config.json"))
+    return (f"{path} is a folder without config.json (a transformers or sentence-transformers model folder was "
+            f"expected)" + (f"; the model may be in {' or '.join(inside)}" if inside else ""))
 
 
 def check_tokenizer_fits(tokenizer, model_config, max_seq_len: int, model: str) -> None:

@@ -43,7 +43,7 @@ from lrsparse.distributed import is_main_process
 from lrsparse.embedding import transformer_folder
 from lrsparse.factorization import FactorizationError
 from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
-from lrsparse.modeling import (check_precision, check_tokenizer_fits, count_parameters, has_fast_bf16,
+from lrsparse.modeling import (check_precision, check_tokenizer_fits, count_parameters, folder_hint, has_fast_bf16,
                                load_model_config, load_task_model, quiet_transformers, resolve_device)
 from lrsparse.recipe import RecipeConfig
 from lrsparse.records import LayerRecord, rebuild_layers, records_of
@@ -466,6 +466,9 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     if compressed:
         model = load_compressed(model_dir)
     else:
+        hint = folder_hint(model_dir)
+        if hint:
+            raise ValueError(hint)
         model, loading = spec.auto_model_class().from_pretrained(model_dir, dtype=torch.float32,
                                                                  output_loading_info=True)
         if loading["missing_keys"] and not allow_random_head:
