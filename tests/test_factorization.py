@@ -10,6 +10,7 @@ import torch
 from lrsparse import reference
 from lrsparse.factorization import (
     allocate_ranks,
+    balance_factors,
     factorize_matrix,
     factorize_model,
     fisher_row_scale,
@@ -56,6 +57,32 @@ def test_fwsvd_is_the_row_weighted_closed_form(fisher_kind):
     U_svd, V_svd = factorize_matrix(weight, 3, "svd")
     fw_error = reference.weighted_error(weight, U, V, row_omega)
     assert fw_error <= reference.weighted_error(weight, U_svd, V_svd, row_omega)
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "sparsity-aware", "activation", "activation-importance"])
+def test_every_factorizer_returns_balanced_factors(method):
+    # Each rank-1 component's norm is split evenly: |U[:, k]| = |V[k, :]| (Adam then moves both factors alike).
+    weight, mask, importance = pruned_matrix()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen) * torch.linspace(0.05, 3.0, 16)  # unevenly scaled inputs
+    stats = {"mask": mask, "importance": importance, "fisher_rows": torch.rand(24, generator=gen) ** 4,
+             "input_covariance": x.T @ x / 64}
+    U, V = factorize_matrix(weight, 4, method, **stats)
+    torch.testing.assert_close(U.double().norm(dim=0), V.double().norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_balance_factors_keeps_the_product_and_leaves_balanced_factors_alone():
+    gen = torch.Generator().manual_seed(0)
+    U, V = torch.randn(12, 3, generator=gen), torch.randn(3, 7, generator=gen)
+    U[:, 0] *= 30.0  # one component 30x unbalanced, one factor of another component zero
+    V[2] = 0.0
+    U_b, V_b = balance_factors(U, V)
+    torch.testing.assert_close(U_b.double() @ V_b.double(), U.double() @ V.double(), rtol=1e-6, atol=1e-6)
+    norms_u, norms_v = U_b.double().norm(dim=0), V_b.double().norm(dim=1)
+    torch.testing.assert_close(norms_u[:2], norms_v[:2], rtol=1e-6, atol=0)
+    assert torch.equal(U_b[:, 2], U[:, 2]) and torch.equal(V_b[2], V[2])  # a zero component is left as it was
+    again = balance_factors(U_b, V_b)
+    assert again[0] is U_b and again[1] is V_b  # balanced within BALANCE_TOLERANCE: bit-identical
 
 
 def test_fwsvd_needs_valid_fisher():

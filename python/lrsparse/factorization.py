@@ -298,8 +298,30 @@ def factorize_matrix(
                         f"{sorted(factorizer.options) or 'none'})")
     work = weight.detach().float().contiguous()
     stats = LayerStatistics(mask, importance, fisher_rows, input_covariance)
-    U, V = factorizer.fn(work, rank, stats, max_iters=max_iters, tol=tol, seed=seed, **options)
+    U, V = balance_factors(*factorizer.fn(work, rank, stats, max_iters=max_iters, tol=tol, seed=seed, **options))
     return U.to(weight.dtype).contiguous(), V.to(weight.dtype).contiguous()
+
+
+# Components whose norms already agree to this relative tolerance (those of every factorizer that splits the singular
+# values evenly) are left bit-identical.
+BALANCE_TOLERANCE = 1e-4
+
+
+def balance_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """``U diag(c)``, ``diag(1/c) V`` with ``c_k = sqrt(|V_k,:| / |U_:,k|)``: the same product, each rank-1 component's
+    norm split evenly between its two factors.
+
+    Why: fine-tuning trains U and V with Adam, whose steps are about the same size for every entry; with one factor
+    many times larger than the other (FWSVD's ``diag(1/s)`` unscaling makes ``|U_k|/|V_k|`` 4-26 on MiniLM), a step
+    on the small factor moves the product that many times further than a step on the large one, which the learning
+    rate was not chosen for (FWSVD runs on CoLA collapsed to a constant predictor in mixed-rank fine-tuning)."""
+    u_norms, v_norms = U.double().norm(dim=0), V.double().norm(dim=1)
+    live = (u_norms > 0) & (v_norms > 0)
+    scale = torch.where(live, (v_norms / torch.where(live, u_norms, 1.0)).sqrt(), 1.0)
+    scale = torch.where((scale.square() - 1).abs() <= BALANCE_TOLERANCE, 1.0, scale)
+    if bool((scale == 1).all()):
+        return U, V
+    return U * scale.to(U.dtype), V / scale.to(V.dtype)[:, None]
 
 
 def singular_values(matrix: Tensor) -> Tensor:
