@@ -35,6 +35,12 @@ Weighting defaults (``pruned_weight`` 0.5, ``kept_floor`` 0.5, ``quantile`` 0.9)
     0.5:0.5 halves the importance-weighted error of plain SVD while beating it on output error and zero-shot
     quality, which is what mixed-rank fine-tuning starts from; it costs EM iterations (165 s vs 7 s). One run, one
     seed, one task: results are in benchmarks/results/omega_weighting.{md,json}.
+
+Balance
+    Every factorizer's ``U V`` leaves :func:`factorize_matrix` with each rank-1 component's norm split evenly between
+    ``U[:, k]`` and ``V[k, :]`` (:func:`balance_factors`), as the truncated SVD splits the singular values: the
+    unscaling of fwsvd and of the activation-aware factorizers otherwise leaves one factor many times larger, and
+    Adam's equal-sized steps then move the product unevenly in mixed-rank fine-tuning.
 """
 from __future__ import annotations
 
