@@ -116,6 +116,8 @@ class Results:
 
     def save(self, render: bool = True) -> None:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        # + 0.0 turns the -0.0 that a constant prediction's Pearson can round to into 0.0 (shown as "-0.0" otherwise).
+        self.majority = {task: score + 0.0 for task, score in self.majority.items()}
         payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
