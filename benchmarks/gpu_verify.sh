@@ -209,11 +209,13 @@ run_inference() {
 # call on the same machine resume the unfinished ones. pause_quality / resume_quality stop the jobs (SIGSTOP) while
 # the benchmarks time the GPU.
 read -ra QUALITY_TASKS <<< "${QUALITY_TASKS:-sst2 mrpc cola stsb}"
-ABLATIONS=("no-prune pruner=none" "no-omega factorizer=svd" "no-mixed mixed_rank=none")
-# candidates for the default recipe: distillation from the dense model, the activation-aware factorizer, the
-# mixed-rank stage with the sparse path frozen as a per-layer teacher, per-forward stochastic replacement
-VARIANTS=("kd --distill-weight 0.5 --distill-hidden-weight 1.0" "act --set factorizer=activation-importance"
-          "match --set mixed_rank_match=1.0" "stochastic --mixed-rank stochastic")
+ABLATIONS=("no-prune pruner=none" "no-activation factorizer=svd" "no-mixed mixed_rank=none")
+# candidates for the default recipe: distillation from the dense model, the activation-aware factorizer with the
+# importance weighting of the rows, the previous default (sparsity-aware), the mixed-rank stage with the sparse path
+# frozen as a per-layer teacher, per-forward stochastic replacement
+VARIANTS=("kd --distill-weight 0.5 --distill-hidden-weight 1.0" "act-importance --set factorizer=activation-importance"
+          "sparsity-aware --set factorizer=sparsity-aware" "match --set mixed_rank_match=1.0"
+          "stochastic --mixed-rank stochastic")
 QUALITY_JOBS=()
 declare -A QUALITY_PIDS
 QUALITY_WORK=""

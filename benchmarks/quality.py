@@ -27,7 +27,7 @@ distillation from the dense model (outputs and every layer's hidden states)::
 The ablations remove one LPAF component at a time with ``--set`` (any RecipeConfig or LPAFConfig field)::
 
     python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-prune --set pruner=none
-    python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-omega --set factorizer=svd
+    python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-activation --set factorizer=svd
     python benchmarks/quality.py --tasks mrpc stsb --presets lpaf --variant no-mixed --set mixed_rank=none
 
 Results: ``<out>.json`` = ``{"majority": {task: score}, "rows": [...]}`` with one self-describing row per run,
@@ -148,7 +148,9 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
              "always predicting the most frequent training label (Pearson of a constant is 0). A run within 1 "
              "point of it, or below it, is degenerate (`deg.` counts them). Reproduce with the commands in "
              "`benchmarks/quality.py`; every row of `quality.json` holds its machine, date, budget and minutes "
-             "(minutes per run: the mean over the runs that were not resumed after an interruption).", ""]
+             "(minutes per run: the mean over the runs that were not resumed after an interruption) and its "
+             "`factorizer`: `lpaf` is LPAF's default recipe, whose factorizer is `activation` since 2026-12-01 "
+             "(`lpaf+sparsity-aware` is the earlier default; a `+name` suffix is a recipe variant).", ""]
     for task in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task]
         first = task_rows[0]
@@ -339,6 +341,7 @@ def main(argv=None):
                         "machine": machine(), "precision": args.precision, "date": now(),
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
+                        "factorizer": report["factorization"],  # what the preset meant when it ran
                         "stages": [{"name": s["name"], "main": s["metrics"]["main"]} for s in report["stages"]],
                     }, render)
 

@@ -126,8 +126,10 @@ def main(argv=None) -> dict:
     log.info("after phase 1 (density %s): %s", density, pruned)
     final = pruned
     if config.factorizes:
-        # Every rank computes the same factors from the same masks and scores.
-        compressor.factorize()
+        # Every rank computes the same factors from the same masks and scores; an activation-aware factorizer (the
+        # default) also fits each layer's outputs on calibration inputs: the first config.calibration_samples
+        # training examples, read from this loader.
+        compressor.factorize(calibration=torch.utils.data.DataLoader(train_set, batch_size=64, collate_fn=collate))
         final = run_phase("mixed")
         log.info("low-rank model: %s", final)
     callback.close()

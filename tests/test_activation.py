@@ -44,6 +44,47 @@ def test_input_covariance_is_that_of_the_real_tokens():
     torch.testing.assert_close(covariances[query], x.t() @ x / x.shape[0], rtol=1e-10, atol=1e-12)
 
 
+def test_max_examples_reads_only_the_first_examples_of_an_iterable():
+    """A whole loader may be passed: with max_examples=6 the covariance is that of the first 6 examples (the second
+    batch cut after its 2nd row), computed directly from the embeddings, and batches past them are never read."""
+    model = tiny_bert().eval()
+    query = "bert.encoder.layer.0.attention.self.query"
+    batches = _batches()
+    read = []
+
+    def loader():
+        for index, batch in enumerate(batches):
+            read.append(index)
+            yield batch
+
+    covariances = input_covariances(model, {query: model.get_submodule(query)}, loader(), max_examples=6)
+    assert read == [0, 1]
+    with torch.no_grad():
+        ids = torch.cat([batches[0]["input_ids"], batches[1]["input_ids"][:2]])
+        mask = torch.cat([batches[0]["attention_mask"], batches[1]["attention_mask"][:2]])
+        x = model.bert.embeddings(input_ids=ids)[mask.bool()].double()
+    torch.testing.assert_close(covariances[query], x.t() @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_examples must be a positive integer"):
+            input_covariances(model, {query: model.get_submodule(query)}, batches, max_examples=bad)
+
+
+def test_the_default_method_asks_for_calibration_by_name():
+    model = tiny_bert(seed=2)
+    compressor = lrsparse.prepare(model, lrsparse.PRESETS["lpaf"].replace(keep=0.5, delta_t=1), total_steps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for batch in _batches(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        compressor.step()
+        optimizer.zero_grad()
+    with pytest.raises(ValueError, match="factorizer 'activation' fits each layer's outputs: pass calibration="):
+        compressor.factorize(total_steps=0)
+    assert compressor.phase == "prune"  # nothing was lost: the call can be repeated with calibration
+    records = compressor.factorize(total_steps=0, calibration=_batches())
+    assert compressor.phase == "done" and {r.factorizer for r in records} == {"activation"}
+
+
 def _problem(seed=0, m=6, n=5, samples=40):
     gen = np.random.default_rng(seed)
     weight = gen.standard_normal((m, n))

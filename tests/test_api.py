@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import lrsparse
 from lrsparse import registry
+from lrsparse.activation import input_covariances
 from lrsparse.factorization import factorize_model
 from lrsparse.io import LAYERS_FILE
 from lrsparse.layers import LowRankLinear, MixedRankLinear, MixedRankScheduler
@@ -98,16 +99,18 @@ def _train(model, optimizer, batches, step):
 
 
 def test_plain_loop_matches_the_building_blocks_driven_by_hand():
-    """prepare/step/factorize/step/convert equals FirstOrderPruner + factorize_model + MixedRankScheduler called
-    by hand on an identical model: bitwise the same factors and outputs."""
+    """prepare/step/factorize/step/convert equals FirstOrderPruner + input_covariances + factorize_model +
+    MixedRankScheduler called by hand on an identical model: bitwise the same factors and outputs."""
     config = lrsparse.PRESETS["lpaf"].replace(keep=0.4, delta_t=2, factorization_iters=5, blend_fraction=0.5)
+    assert config.factorizer == "activation"  # the default method calibrates
     prune_batches, mixed_batches = random_batches(10, seed=1), random_batches(6, seed=2)
+    calibration = random_batches(3, seed=4)
 
     model = tiny_bert(seed=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     compressor = lrsparse.prepare(model, config, total_steps=10)
     _train(model, optimizer, prune_batches, lambda opt: compressor.step())
-    records = compressor.factorize(total_steps=6)
+    records = compressor.factorize(total_steps=6, calibration=calibration)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _train(model, optimizer, mixed_batches, compressor.step)
     compressor.convert()
@@ -116,7 +119,9 @@ def test_plain_loop_matches_the_building_blocks_driven_by_hand():
     optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-3)
     pruner = FirstOrderPruner(by_hand, 0.4, 10, delta_t=2)
     _train(by_hand, optimizer, prune_batches, lambda opt: pruner.step())
-    expected = factorize_model(by_hand, 0.4, pruner=pruner, solver_options={"max_iters": 5, "tol": 1e-6, "seed": 0})
+    covariances = input_covariances(by_hand, {r.name: by_hand.get_submodule(r.name) for r in records}, calibration)
+    expected = factorize_model(by_hand, 0.4, method="activation", pruner=pruner, input_covariances=covariances,
+                               solver_options={"max_iters": 5, "tol": 1e-6, "seed": 0})
     optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-3)
     scheduler = MixedRankScheduler(by_hand, 6, blend_fraction=0.5, optimizer=optimizer)
     _train(by_hand, optimizer, mixed_batches, lambda opt: scheduler.step())

@@ -204,7 +204,7 @@ def _factorized(match: float, seed: int = 0):
     model(**_batch()).loss.backward()
     compressor.step()
     model.zero_grad()
-    compressor.factorize(total_steps=100)
+    compressor.factorize(total_steps=100, calibration=[_batch()])
     return model, compressor
 
 

@@ -217,8 +217,9 @@ def test_a_failing_layer_is_reported_saved_and_resumable(tmp_path, data_dir, min
     assert [stage["name"] for stage in manifest["stages"]] == ["dense", "prune"]
     saved = output / "checkpoint" / f"factorization_failure_{failing}.safetensors"
     with safe_open(str(saved), "pt") as handle:
-        assert set(handle.keys()) >= {"weight", "mask", "importance"}
-        assert handle.get_tensor("weight").shape == (32, 32)
+        # The default factorizer's inputs: the pruned weight, its mask and the calibration input covariance.
+        assert set(handle.keys()) >= {"weight", "mask", "input_covariance"}
+        assert handle.get_tensor("weight").shape == handle.get_tensor("input_covariance").shape == (32, 32)
         assert handle.metadata()["layer"] == failing and handle.metadata()["rank"] == str(calls[2])
         assert "injected by the test" in handle.metadata()["error"]
 

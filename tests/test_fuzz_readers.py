@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lrsparse.data import GLUE_TASKS, load_glue, task_file
@@ -579,6 +579,10 @@ def test_random_json_documents_load_exactly_or_name_the_bad_field():
     @given(payload=st.one_of(json_values, squad_like_documents(),
                              st.fixed_dictionaries({"data": st.lists(json_values)})),
            ascii_only=st.booleans())
+    # One valid document always runs: whether the derandomized draws include a fully valid one has varied (a run of
+    # the whole suite once drew none), and the outcome check below is about the other kinds.
+    @example(payload={"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "a cat", "qas": [
+        {"id": "q0", "question": "what?", "answers": [{"text": "cat", "answer_start": 2}]}]}]}]}, ascii_only=False)
     def fuzz(payload, ascii_only):
         outcomes.add(check_squad_load(_dumps(payload, ascii_only)))
 

@@ -135,6 +135,9 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+CALIBRATION = [{"input_ids": torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(5))}]
+
+
 def tiny_trainer(model, tmp_path, callbacks, steps=STEPS, **overrides):
     return Trainer(model=model, args=training_args(tmp_path, steps, per_device_train_batch_size=4, **overrides),
                    train_dataset=TokenDataset(), callbacks=callbacks)
@@ -148,9 +151,11 @@ def test_two_phases_end_low_rank_within_budget(tmp_path):
     compressor = lrsparse.prepare(model, CONFIG)
     # One callback drives both phases, each in its own Trainer.train().
     callback = CompressorCallback(compressor, tensorboard_dir=str(tmp_path / "tb"), check_budget=True)
-    tiny_trainer(model, tmp_path, [callback]).train()
+    pruning = tiny_trainer(model, tmp_path, [callback])
+    pruning.train()
     shapes = {name: tuple(m.weight.shape) for name, m in compressor.targets.items()}
-    records = compressor.factorize()  # phase 2's length: the next Trainer's max_steps
+    # The default factorizer fits each layer's outputs: the training loader's first examples calibrate it.
+    records = compressor.factorize(calibration=pruning.get_train_dataloader())  # phase 2's length: max_steps
     assert compressor.phase == "mixed_rank" and [r.kind for r in records] == ["mixed"] * len(shapes)
 
     trainer = tiny_trainer(model, tmp_path, [callback], steps=8)  # a new Trainer: a new optimizer over U, V
@@ -256,7 +261,7 @@ def test_mixed_rank_phase_refusals(tmp_path):
     with pytest.raises(RuntimeError, match="pruning phase already ran 12 steps: call compressor.factorize()"):
         tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
 
-    compressor.factorize()
+    compressor.factorize(calibration=CALIBRATION)
     # Reusing the first Trainer: its optimizer was built for the unfactorized model.
     with pytest.raises(RuntimeError, match="does not hold the factors U, V"):
         trainer.train()
@@ -273,7 +278,7 @@ def test_mixed_rank_phase_refusals(tmp_path):
     model = tiny_bert()
     compressor = lrsparse.prepare(model, CONFIG)
     tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
-    compressor.factorize()
+    compressor.factorize(calibration=CALIBRATION)
     finalize_low_rank(model)
     with pytest.raises(ValueError, match="no MixedRankLinear"):
         tiny_trainer(model, tmp_path, [CompressorCallback(compressor)], steps=4).train()
@@ -282,7 +287,7 @@ def test_mixed_rank_phase_refusals(tmp_path):
     model = tiny_bert()
     compressor = lrsparse.prepare(model, CONFIG.replace(min_rank=8))
     tiny_trainer(model, tmp_path, [CompressorCallback(compressor)]).train()
-    compressor.factorize()
+    compressor.factorize(calibration=CALIBRATION)
     with pytest.raises(ValueError, match="rank budget exceeded"):
         tiny_trainer(model, tmp_path, [CompressorCallback(compressor, check_budget=True)], steps=4).train()
 
@@ -399,7 +404,7 @@ def test_both_phases_train_under_trainer_bf16(tmp_path):
     callback = CompressorCallback(compressor)
     tiny_trainer(model, tmp_path, [callback], bf16=True).train()
     assert compressor.density() == pytest.approx(FINAL, abs=1e-3)
-    compressor.factorize()
+    compressor.factorize(calibration=CALIBRATION)
     output_dtypes = []
     for module in model.modules():
         if isinstance(module, MixedRankLinear):

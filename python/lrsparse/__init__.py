@@ -4,7 +4,7 @@ The public API (see the README's "Python API" and "Architecture" sections)::
 
     compressor = lrsparse.prepare(model, lrsparse.PRESETS["lpaf"].replace(keep=0.25), total_steps=...)
     ...  # phase 1: optimizer.step(); compressor.step(); optimizer.zero_grad()
-    compressor.factorize(total_steps=...)
+    compressor.factorize(total_steps=..., calibration=train_loader)  # its first examples calibrate the fit
     ...  # phase 2 (a new optimizer): optimizer.step(); compressor.step(optimizer); optimizer.zero_grad()
     compressor.convert()
     lrsparse.save_compressed(model, "out/", config=compressor.config, records=compressor.records)

@@ -17,13 +17,19 @@ from torch import Tensor, nn
 from lrsparse import ops
 from lrsparse.factorization import fisher_row_scale
 from lrsparse.registry import LayerStatistics, register_factorizer
+from lrsparse.targets import linear_shape
 
 
 @torch.no_grad()
 def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Mapping[str, Tensor]],
-                      device: torch.device | None = None) -> dict[str, Tensor]:
+                      device: torch.device | None = None, max_examples: int | None = None) -> dict[str, Tensor]:
     """``E[x x^T]`` (float64, in x in) of the inputs of each module in ``targets`` over the real tokens of
-    ``batches`` (model input dicts; labels are ignored), the model in eval mode (no dropout)."""
+    ``batches`` (model input dicts; labels are ignored), the model in eval mode (no dropout). With ``max_examples``
+    only the first that many examples (rows of the batches) are used, so a whole training DataLoader can be passed:
+    it is read only as far as needed."""
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     if device is None:
         device = next(model.parameters()).device
     sums: dict[str, Tensor] = {}
@@ -45,21 +51,46 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         for batch in batches:
             inputs = {k: v.to(device) for k, v in batch.items()
                       if k not in ("labels", "start_positions", "end_positions")}
+            size = _batch_size(inputs)
+            if max_examples is not None and seen + size > max_examples:  # the last batch contributes only its head
+                inputs = {k: v[:max_examples - seen] if torch.is_tensor(v) and v.dim() > 0 else v
+                          for k, v in inputs.items()}
+            seen += size
             state["mask"] = inputs.get("attention_mask")
             model(**inputs)
+            if max_examples is not None and seen >= max_examples:
+                break  # not one batch more is read from the iterable
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under DDP every rank must end with the same factors: each calibrates on the union of the ranks' batches
+        # (a sharded loader gives each rank its own), in one collective per target, in the same order everywhere.
+        for name, module in targets.items():
+            features = linear_shape(module)[0]
+            local = sums.get(name, torch.zeros(features, features, dtype=torch.float64, device=device))
+            total = torch.cat([local.reshape(-1), local.new_tensor([counts[name]])])
+            torch.distributed.all_reduce(total)
+            counts[name] = int(total[-1].item())
+            sums[name] = total[:-1].reshape(features, features)
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "
                          "that run through these layers")
     return {name: sums[name] / counts[name] for name in targets}
+
+
+def _batch_size(inputs: Mapping[str, Tensor]) -> int:
+    for value in inputs.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError(f"a calibration batch must hold tensors of model inputs, got keys {sorted(inputs)}")
 
 
 def input_whitening(covariance: Tensor, damping: float) -> Tensor:

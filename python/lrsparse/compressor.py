@@ -156,7 +156,8 @@ class Compressor:
         """Ends phase 1: every target becomes a MixedRankLinear holding its factorization (ranks from the rank
         allocator) beside its pruned weight; ``total_steps`` is the length of phase 2 (0: convert right away; None:
         set later by :meth:`schedule`). An activation-aware factorizer fits each layer's outputs on
-        ``calibration``, batches of model inputs (about ``config.calibration_samples`` training examples). Build the
+        ``calibration``, batches of model inputs (e.g. the training DataLoader: only its first
+        ``config.calibration_samples`` examples are read). Build the
         phase-2 optimizer after this call: the factors are new parameters."""
         if self.phase != "prune":
             raise RuntimeError(f"factorize() ends the pruning phase; the compressor is in phase {self.phase!r}")
@@ -172,8 +173,10 @@ class Compressor:
         if config.calibrates:
             if calibration is None:
                 raise ValueError(f"factorizer {config.factorizer!r} fits each layer's outputs: pass calibration= "
-                                 f"(batches of model inputs, e.g. {config.calibration_samples} training examples)")
-            covariances = input_covariances(self.model, self.targets, calibration)
+                                 f"(batches of model inputs, e.g. the training DataLoader; its first "
+                                 f"{config.calibration_samples} examples are used)")
+            covariances = input_covariances(self.model, self.targets, calibration,
+                                            max_examples=config.calibration_samples)
         self._records = factorize_model(
             self.model, config.keep, method=config.factorizer, allocation=config.rank_allocation,
             rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets,

@@ -71,7 +71,11 @@ class LPAFConfig:
     final_warmup_fraction: float = option(0.3, "fraction of the pruning steps trained at the final density")
     delta_t: int = option(10, "optimizer steps between mask updates")
     # ------------------------------------------------------------------ factorization
-    factorizer: str = option("sparsity-aware", "how each target matrix becomes U V ('none': keep it sparse)",
+    # Default "activation" (fit each layer's outputs on calibration inputs): it beat "sparsity-aware" on every task
+    # of the quality grid (benchmarks/results/quality.md, README "Quality protocol").
+    factorizer: str = option("activation", "how each target matrix becomes U V ('none': keep it sparse); the "
+                             "activation-aware ones fit each layer's outputs on calibration_samples training "
+                             "examples (the API: compressor.factorize(calibration=...))",
                              registry_of="factorizer", allow_none=True, cli="factorization")
     factorization_iters: int = option(100, "EM iterations of the weighted low-rank fit (cost grows linearly)")
     factorization_tol: float = option(1e-6, "EM stops when the weighted error falls by less than this fraction")
@@ -213,7 +217,7 @@ class LPAFConfig:
 
 
 PRESETS: dict[str, LPAFConfig] = {
-    # First-order pruning, sparsity-aware factorization, mixed-rank fine-tuning: the method.
+    # First-order pruning, activation-aware factorization of the pruned matrices, mixed-rank fine-tuning: the method.
     "lpaf": LPAFConfig(),
     # Baselines, each with the same training budget: plain fine-tuning then truncated SVD ...
     "svd": LPAFConfig(pruner="none", factorizer="svd"),

@@ -3,8 +3,9 @@
 
     compressor = lrsparse.prepare(model, lrsparse.PRESETS["lpaf"].replace(keep=0.25))  # no total_steps: see below
     callback = CompressorCallback(compressor)
-    Trainer(model=model, args=..., callbacks=[callback]).train()    # phase 1: fine-tuning while pruning
-    compressor.factorize()                                          # target layers -> U V beside the sparse path
+    pruning = Trainer(model=model, args=..., callbacks=[callback])
+    pruning.train()                                                 # phase 1: fine-tuning while pruning
+    compressor.factorize(calibration=pruning.get_train_dataloader())  # targets -> U V beside the sparse path
     Trainer(model=model, args=..., callbacks=[callback]).train()    # phase 2 in a NEW Trainer: mixed-rank
     lrsparse.save_compressed(model, "out/", config=compressor.config, records=compressor.records)
 
