@@ -52,10 +52,10 @@ def test_max_examples_reads_only_the_first_examples_of_an_iterable():
     batches = _batches()
     read = []
 
-    def loader():
+    def loader():  # a (1, L) position_ids first: the batch size is read from the token inputs, not from it
         for index, batch in enumerate(batches):
             read.append(index)
-            yield batch
+            yield {"position_ids": torch.arange(batch["input_ids"].shape[1])[None], **batch}
 
     covariances = input_covariances(model, {query: model.get_submodule(query)}, loader(), max_examples=6)
     assert read == [0, 1]
@@ -83,6 +83,32 @@ def test_the_default_method_asks_for_calibration_by_name():
     assert compressor.phase == "prune"  # nothing was lost: the call can be repeated with calibration
     records = compressor.factorize(total_steps=0, calibration=_batches())
     assert compressor.phase == "done" and {r.factorizer for r in records} == {"activation"}
+
+
+def _factors(config, calibration):
+    model = tiny_bert(seed=2)
+    compressor = lrsparse.prepare(model, config, total_steps=1)
+    model(**_batches(1)[0]).loss.backward()
+    compressor.step()
+    compressor.factorize(total_steps=0, calibration=calibration)
+    return {name: (m.U.detach(), m.V.detach()) for name, m in model.named_modules()
+            if isinstance(m, lrsparse.LowRankLinear)}
+
+
+def test_factorize_reads_calibration_samples_examples_of_a_loader():
+    """calibration_samples=6 over three batches of 4 equals calibrating on exactly the first 6 examples, and
+    differs from using all 12."""
+    config = lrsparse.PRESETS["lpaf"].replace(keep=0.5, delta_t=1, initial_warmup_fraction=0.0,
+                                              final_warmup_fraction=0.0)
+    first6 = _batches(3)[:2]
+    first6[1] = {key: value[:2] for key, value in first6[1].items()}
+    limited = _factors(config.replace(calibration_samples=6), _batches(3))
+    explicit = _factors(config, first6)
+    everything = _factors(config, _batches(3))
+    assert limited.keys() == explicit.keys() and len(limited) == 12
+    for name in limited:
+        assert all(torch.equal(a, b) for a, b in zip(limited[name], explicit[name])), name
+    assert any(not torch.equal(limited[name][0], everything[name][0]) for name in limited)
 
 
 def _problem(seed=0, m=6, n=5, samples=40):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lrsparse import ops
+from lrsparse.distributed import is_distributed
 from lrsparse.factorization import fisher_row_scale
 from lrsparse.registry import LayerStatistics, register_factorizer
 from lrsparse.targets import linear_shape
@@ -26,7 +27,9 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
     """``E[x x^T]`` (float64, in x in) of the inputs of each module in ``targets`` over the real tokens of
     ``batches`` (model input dicts; labels are ignored), the model in eval mode (no dropout). With ``max_examples``
     only the first that many examples (rows of the batches) are used, so a whole training DataLoader can be passed:
-    it is read only as far as needed."""
+    iteration stops there. Under a process group every rank calibrates on its own batches (``max_examples`` is per
+    rank) and the sums are pooled over the ranks, so all of them end with the same covariances: a sharded loader
+    contributes each rank's examples, a replicated one the same examples on every rank (its covariance unchanged)."""
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
@@ -58,27 +61,30 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
                       if k not in ("labels", "start_positions", "end_positions")}
             size = _batch_size(inputs)
             if max_examples is not None and seen + size > max_examples:  # the last batch contributes only its head
-                inputs = {k: v[:max_examples - seen] if torch.is_tensor(v) and v.dim() > 0 else v
-                          for k, v in inputs.items()}
+                inputs = {k: v[:max_examples - seen] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size
+                          else v for k, v in inputs.items()}
             seen += size
             state["mask"] = inputs.get("attention_mask")
             model(**inputs)
             if max_examples is not None and seen >= max_examples:
-                break  # not one batch more is read from the iterable
+                break  # stop iterating (a prefetching loader may have read one batch ahead)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Under DDP every rank must end with the same factors: each calibrates on the union of the ranks' batches
-        # (a sharded loader gives each rank its own), in one collective per target, in the same order everywhere.
+    if is_distributed():
+        # Under DDP every rank must end with the same factors: each calibrates on the union of the ranks' batches,
+        # in one collective per target, in the same order everywhere (NCCL reduces on the rank's current GPU).
+        reduce_on = (torch.device("cuda", torch.cuda.current_device())
+                     if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
         for name, module in targets.items():
             features = linear_shape(module)[0]
-            local = sums.get(name, torch.zeros(features, features, dtype=torch.float64, device=device))
+            local = sums[name].to(reduce_on) if name in sums else torch.zeros(features, features,
+                                                                              dtype=torch.float64, device=reduce_on)
             total = torch.cat([local.reshape(-1), local.new_tensor([counts[name]])])
             torch.distributed.all_reduce(total)
             counts[name] = int(total[-1].item())
-            sums[name] = total[:-1].reshape(features, features)
+            sums[name] = total[:-1].reshape(features, features).to(device)
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "
@@ -87,6 +93,10 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
 
 
 def _batch_size(inputs: Mapping[str, Tensor]) -> int:
+    # The examples are the rows of the token inputs; other tensors (e.g. a (1, L) position_ids) need not be batch-first.
+    for key in ("input_ids", "attention_mask", "inputs_embeds"):
+        if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 0:
+            return int(inputs[key].shape[0])
     for value in inputs.values():
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
