@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lrsparse import ops
-from lrsparse.distributed import is_distributed
+from lrsparse.distributed import is_distributed, sum_across_ranks
 from lrsparse.factorization import fisher_row_scale
 from lrsparse.registry import LayerStatistics, register_factorizer
 from lrsparse.targets import linear_shape
@@ -74,17 +74,13 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
         model.train(was_training)
     if is_distributed():
         # Under DDP every rank must end with the same factors: each calibrates on the union of the ranks' batches,
-        # in one collective per target, in the same order everywhere (NCCL reduces on the rank's current GPU).
-        reduce_on = (torch.device("cuda", torch.cuda.current_device())
-                     if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
+        # in one collective per target, in the same order everywhere.
         for name, module in targets.items():
             features = linear_shape(module)[0]
-            local = sums[name].to(reduce_on) if name in sums else torch.zeros(features, features,
-                                                                              dtype=torch.float64, device=reduce_on)
-            total = torch.cat([local.reshape(-1), local.new_tensor([counts[name]])])
-            torch.distributed.all_reduce(total)
+            local = sums.get(name, torch.zeros(features, features, dtype=torch.float64, device=device))
+            total = sum_across_ranks(torch.cat([local.reshape(-1), local.new_tensor([counts[name]])]))
             counts[name] = int(total[-1].item())
-            sums[name] = total[:-1].reshape(features, features).to(device)
+            sums[name] = total[:-1].reshape(features, features)
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "

@@ -66,6 +66,19 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
+def sum_across_ranks(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the ranks (a collective: every rank calls it at the same point), on the device
+    ``tensor`` is on; NCCL reduces on the rank's current GPU. ``tensor`` itself outside a multi-rank group."""
+    if not is_distributed():
+        return tensor
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else \
+        torch.device("cpu")
+    total = tensor.to(on, copy=True)
+    torch.distributed.all_reduce(total)
+    return total.to(tensor.device)
+
+
+@torch.no_grad()
 def check_same_across_ranks(tensors: Sequence[Tensor], what: str) -> None:
     """Raises RuntimeError when ``tensors`` differ between ranks (no-op outside a multi-rank process group).
 
