@@ -173,7 +173,44 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
             lines.append(f"| {preset} | {keep} | {len(group)} | {mean_std(mains)} | "
                          f"{sum(r['degenerate'] for r in group)} | {epoch_text} | {minutes} | {seeds} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + variant_comparison(rows))
+
+
+def variant_comparison(rows: list[dict], base: str = "lpaf") -> list[str]:
+    """Each recipe variant of ``base`` (an ablation such as lpaf+no-mixed, or an alternative such as
+    lpaf+sparsity-aware) against ``base`` itself at the same task, keep and precision. A difference counts only when it
+    exceeds the larger of the two seed standard deviations (the ablation target's "more than one standard deviation");
+    with fewer than 2 seeds on either side there is no spread to compare with and the verdict says so."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["preset"] == base:
+            key = (r["task"], r["keep"], r.get("precision", "fp32"), r.get("variant", ""))
+            groups.setdefault(key, []).append(r["main"])
+    lines = []
+    for (task, keep, precision, variant), values in sorted(groups.items()):
+        reference = groups.get((task, keep, precision, ""))
+        if not variant or not reference:
+            continue
+        loss = statistics.mean(reference) - statistics.mean(values)
+        if min(len(reference), len(values)) < 2:
+            spread, verdict = "-", "no spread (n < 2)"
+        else:
+            larger = max(statistics.stdev(reference), statistics.stdev(values))
+            spread = f"{100 * larger:.1f}"
+            verdict = ("loses more than 1 std" if loss > larger else "gains more than 1 std" if -loss > larger
+                       else "inside the noise")
+            if min(len(reference), len(values)) < 3:
+                verdict += " (n < 3)"
+        lines.append(f"| {task} | {keep} | {method({'preset': base, 'variant': variant, 'precision': precision})} | "
+                     f"{len(values)} | {mean_std(values)} | {len(reference)} | {mean_std(reference)} | "
+                     f"{100 * loss:+.1f} | {spread} | {verdict} |")
+    if not lines:
+        return []
+    return [f"## Recipe variants and ablations against {base}", "",
+            f"`{base} - variant` is what the variant loses (positive: the variant is worse); `std` is the larger of "
+            "the two sample standard deviations over seeds.", "",
+            f"| task | keep | variant | n | variant main | n ({base}) | {base} main | {base} - variant | std | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> None:

@@ -1,0 +1,61 @@
+"""The quality report's variant comparison (benchmarks/quality.py) against numpy's mean and sample std."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402  (benchmarks/ is not a package)
+
+
+def row(task, main, seed, variant="", preset="lpaf", keep=0.25):
+    return {"task": task, "preset": preset, "keep": keep, "seed": seed, "main": main,
+            **({"variant": variant} if variant else {})}
+
+
+def table(lines):
+    """The comparison table's rows as {(task, variant): [cells]}."""
+    cells = [line.strip("|").split(" | ") for line in lines if line.startswith("| ") and "---" not in line]
+    return {(c[0].strip(), c[2].strip()): [x.strip() for x in c] for c in cells[1:]}
+
+
+def test_verdicts_follow_the_larger_sample_std():
+    lpaf = [0.850, 0.860, 0.855]
+    no_mixed = [0.830, 0.835, 0.825]   # loses ~2.5 points, spreads 0.5: more than 1 std
+    noisy = [0.820, 0.880, 0.850]      # loses 0.2 with a 3-point spread: inside the noise
+    better = [0.900, 0.905, 0.910]     # gains
+    rows = ([row("mrpc", v, s) for s, v in enumerate(lpaf)]
+            + [row("mrpc", v, s, "no-mixed") for s, v in enumerate(no_mixed)]
+            + [row("mrpc", v, s, "noisy") for s, v in enumerate(noisy)]
+            + [row("mrpc", v, s, "better") for s, v in enumerate(better)]
+            + [row("mrpc", 0.5, 0, preset="svd")])
+    got = table(quality.variant_comparison(rows))
+    assert set(got) == {("mrpc", "lpaf+no-mixed"), ("mrpc", "lpaf+noisy"), ("mrpc", "lpaf+better")}
+    for variant, values, verdict in (("no-mixed", no_mixed, "loses more than 1 std"),
+                                     ("noisy", noisy, "inside the noise"), ("better", better, "gains more than 1 std")):
+        cells = got[("mrpc", f"lpaf+{variant}")]
+        loss = 100 * (np.mean(lpaf) - np.mean(values))
+        spread = 100 * max(np.std(lpaf, ddof=1), np.std(values, ddof=1))
+        assert float(cells[7]) == pytest.approx(loss, abs=0.051)
+        assert float(cells[8]) == pytest.approx(spread, abs=0.051)
+        assert cells[9] == verdict
+        assert cells[3] == "3" and cells[5] == "3"
+
+
+def test_too_few_seeds_and_missing_reference_are_said_not_judged():
+    rows = ([row("stsb", 0.85, 0), row("stsb", 0.86, 1)]
+            + [row("stsb", 0.80, 0, "no-prune"), row("stsb", 0.81, 1, "no-prune")]
+            + [row("cola", 0.2, 0), row("cola", 0.1, 0, "no-prune")]
+            + [row("mrpc", 0.8, 0, "no-prune")])  # no plain lpaf on mrpc: nothing to compare with
+    got = table(quality.variant_comparison(rows))
+    assert set(got) == {("stsb", "lpaf+no-prune"), ("cola", "lpaf+no-prune")}
+    assert got[("stsb", "lpaf+no-prune")][9] == "loses more than 1 std (n < 3)"
+    assert got[("cola", "lpaf+no-prune")][9] == "no spread (n < 2)"
+    assert quality.variant_comparison([row("mrpc", 0.8, 0)]) == []
+
+
+def test_keeps_and_precisions_are_compared_only_with_their_own_kind():
+    rows = [row("mrpc", 0.85, s) for s in range(2)] + [row("mrpc", 0.80, s, keep=0.5) for s in range(2)]
+    rows += [dict(row("mrpc", 0.70, s, "no-mixed", keep=0.5), precision="bf16") for s in range(2)]
+    assert quality.variant_comparison(rows) == []  # the bf16 variant has no bf16 lpaf at keep 0.5
