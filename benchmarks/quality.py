@@ -14,7 +14,11 @@ the standard GLUE recipe of 3 epochs at lr 1e-4 for this small model); the dense
 compressed run starts from the seed-0 dense checkpoint of its task (the same model for every method and seed) and
 trains ``--prune-epochs`` (pruning with the cubic schedule for lpaf; plain fine-tuning for svd/fwsvd) and
 ``--mixed-epochs`` (mixed-rank fine-tuning) with its own seed. Training uses the full training set of each task
-(SST-2: a seeded ``--sst2-train-samples`` subset on CPU), evaluation the full dev set.
+(SST-2: a seeded ``--sst2-train-samples`` subset on CPU), evaluation the full dev set. A run with another budget
+is a measurement of its own (its rows carry the epochs, its folders a suffix, its tables their own line), e.g. the
+check that the dense baseline has converged::
+
+    python benchmarks/quality.py --tasks cola --presets dense --dense-epochs 6 --seeds 0 1 2
 
 Recipe variants. ``--variant NAME`` with recipe options (``--distill-weight``, ``--distill-hidden-weight``,
 ``--distill-teacher``, ``--mixed-rank``, ``--precision``, ``--device``) runs the compressed presets with them; the rows
@@ -62,6 +66,22 @@ from lrsparse.recipe import RecipeConfig
 # Runs within this many points (fractions: 0.01) of the majority-class score, or below it, are degenerate.
 DEGENERATE_MARGIN = 0.01
 MAIN_METRIC_NAMES = {"sst2": "accuracy", "mrpc": "F1", "stsb": "Pearson", "cola": "MCC"}
+# The training budget of the grid (epochs per stage); a run with another budget is another measurement.
+DEFAULT_EPOCHS = {"dense": 3.0, "prune": 3.0, "mixed": 2.0}
+
+
+def cell(row: dict) -> tuple:
+    """What makes two runs the same measurement (the seed included): task, method, keep, precision and budget."""
+    epochs = tuple(sorted((stage, float(value)) for stage, value in row["epochs"].items()))
+    return (row["task"], row["preset"], row["keep"], row["seed"], row.get("variant", ""),
+            row.get("precision", "fp32"), epochs)
+
+
+def budget_suffix(epochs: dict) -> str:
+    """Run-folder suffix naming the stages whose epochs differ from the grid's (e.g. '-e-dense6'), so runs of
+    different budgets never share a folder; '' for the grid's own budget (the folder names of the first runs)."""
+    changed = [f"{stage}{value:g}" for stage, value in epochs.items() if float(value) != DEFAULT_EPOCHS[stage]]
+    return "-e-" + "-".join(changed) if changed else ""
 
 
 def majority_score(task: str, data_dir: str) -> float:
@@ -95,10 +115,10 @@ class Results:
         self.majority: dict[str, float] = saved.get("majority", {})
         self.rows: list[dict] = saved.get("rows", [])
 
-    def has(self, task: str, preset: str, keep: float, seed: int, variant: str = "", precision: str = "fp32") -> bool:
-        key = (task, preset, keep, seed, variant, precision)
-        return any((r["task"], r["preset"], r["keep"], r["seed"], r.get("variant", ""), r.get("precision", "fp32"))
-                   == key for r in self.rows)
+    def has(self, row: dict) -> bool:
+        """Whether a run of the same cell and seed (see :func:`cell`) is already recorded."""
+        key = cell(row)
+        return any(cell(r) == key for r in self.rows)
 
     def add(self, row: dict, render: bool = True) -> None:
         row["degenerate"] = row["main"] <= self.majority[row["task"]] + DEGENERATE_MARGIN
@@ -109,8 +129,7 @@ class Results:
         """Adds the rows of another results file (e.g. a GPU run's) that this one lacks; returns how many."""
         saved = json.loads(other.read_text())
         self.majority.update(saved.get("majority", {}))
-        new = [r for r in saved.get("rows", []) if not self.has(r["task"], r["preset"], r["keep"], r["seed"],
-                                                               r.get("variant", ""), r.get("precision", "fp32"))]
+        new = [r for r in saved.get("rows", []) if not self.has(r)]
         self.rows += new
         return len(new)
 
@@ -130,10 +149,19 @@ class Results:
 
 
 def method(row: dict) -> str:
-    """The preset, with its recipe variant and a precision other than fp32 (e.g. lpaf+kd, svd (bf16))."""
+    """The preset, with its recipe variant, a precision other than fp32 and a dense budget other than the grid's
+    (e.g. lpaf+kd, svd (bf16), dense (6 epochs))."""
     precision = row.get("precision", "fp32")
-    return (row["preset"] + (f"+{row['variant']}" if row.get("variant") else "")
-            + ("" if precision == "fp32" else f" ({precision})"))
+    label = (row["preset"] + (f"+{row['variant']}" if row.get("variant") else "")
+             + ("" if precision == "fp32" else f" ({precision})"))
+    epochs = {stage: float(value) for stage, value in row.get("epochs", {}).items()}
+    if any(value != DEFAULT_EPOCHS[stage] for stage, value in epochs.items()):
+        label += f" ({epochs['dense']:g} epochs)" if row["preset"] == "dense" else f" (epochs {epochs_text(epochs)})"
+    return label
+
+
+def epochs_text(epochs: dict) -> str:
+    return " / ".join(str(epochs.get(stage, "-")) for stage in DEFAULT_EPOCHS)
 
 
 def mean_std(values: list[float]) -> str:
@@ -160,11 +188,10 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
         for r in task_rows:
-            groups.setdefault((method(r), r["keep"]), []).append(r)
-        for (preset, keep), group in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0])):
+            groups.setdefault((method(r), r["keep"], epochs_text(r["epochs"])), []).append(r)
+        for (preset, keep, epoch_text), group in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0],
+                                                                                          item[0][2])):
             mains = [r["main"] for r in group]
-            epochs = group[0]["epochs"]
-            epoch_text = " / ".join(str(epochs.get(k, "-")) for k in ("dense", "prune", "mixed"))
             seeds = ", ".join(f"{r['seed']}: {100 * r['main']:.1f}{' (deg.)' if r['degenerate'] else ''}"
                               for r in sorted(group, key=lambda r: r["seed"]))
             # A resumed run's minutes miss the part of its interrupted stage that ran before the interruption.
@@ -184,11 +211,11 @@ def variant_comparison(rows: list[dict], base: str = "lpaf") -> list[str]:
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         if r["preset"] == base:
-            key = (r["task"], r["keep"], r.get("precision", "fp32"), r.get("variant", ""))
+            key = (r["task"], r["keep"], r.get("precision", "fp32"), epochs_text(r["epochs"]), r.get("variant", ""))
             groups.setdefault(key, []).append(r["main"])
     lines = []
-    for (task, keep, precision, variant), values in sorted(groups.items()):
-        reference = groups.get((task, keep, precision, ""))
+    for (task, keep, precision, budget, variant), values in sorted(groups.items()):
+        reference = groups.get((task, keep, precision, budget, ""))
         if not variant or not reference:
             continue
         loss = statistics.mean(reference) - statistics.mean(values)
@@ -217,12 +244,13 @@ def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> Non
     task_rows = [r for r in rows if r["task"] == task]
     with line_plot(path, "keep (fraction of target-layer parameters)",
                    f"{task} dev {MAIN_METRIC_NAMES.get(task, 'main')} x 100", f"{task}: mean ± std over seeds") as ax:
-        dense = [100 * r["main"] for r in task_rows if r["preset"] == "dense"]
-        if dense:  # a reference level, not a point at keep 1
+        dense_methods = sorted({method(r) for r in task_rows if r["preset"] == "dense"})
+        for style, dense_method in zip(("--", "-.", ":"), dense_methods):  # reference levels, not points at keep 1
+            dense = [100 * r["main"] for r in task_rows if method(r) == dense_method]
             mean, std = statistics.mean(dense), statistics.stdev(dense) if len(dense) > 1 else 0.0
-            ax.axhline(mean, color="black", linestyle="--", label=f"dense (n={len(dense)})")
+            ax.axhline(mean, color="black", linestyle=style, label=f"{dense_method} (n={len(dense)})")
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
-        for preset in sorted({method(r) for r in task_rows} - {"dense"}):
+        for preset in sorted({method(r) for r in task_rows} - set(dense_methods)):
             keeps = sorted({r["keep"] for r in task_rows if method(r) == preset})
             means, stds = [], []
             for keep in keeps:
@@ -257,9 +285,9 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="pre-trained checkpoint (default: the packaged MiniLM)")
     parser.add_argument("--sst2-train-samples", type=int, default=10000,
                         help="seeded SST-2 training subset (all 67,349 on a GPU: pass 0)")
-    parser.add_argument("--dense-epochs", type=float, default=3.0)
-    parser.add_argument("--prune-epochs", type=float, default=3.0)
-    parser.add_argument("--mixed-epochs", type=float, default=2.0)
+    parser.add_argument("--dense-epochs", type=float, default=DEFAULT_EPOCHS["dense"])
+    parser.add_argument("--prune-epochs", type=float, default=DEFAULT_EPOCHS["prune"])
+    parser.add_argument("--mixed-epochs", type=float, default=DEFAULT_EPOCHS["mixed"])
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/quality"))
@@ -320,9 +348,11 @@ def main(argv=None):
             base["model"] = args.model
 
         suffix = "" if args.precision == "fp32" else f"-{args.precision}"  # a bf16 grid has its own runs
+        dense_epochs = {"dense": args.dense_epochs}
+        epochs = {**dense_epochs, "prune": args.prune_epochs, "mixed": args.mixed_epochs}
 
         def dense_dir(seed: int) -> Path:
-            return args.work_dir / task / f"dense-seed{seed}{suffix}"
+            return args.work_dir / task / f"dense-seed{seed}{suffix}{budget_suffix(dense_epochs)}"
 
         def ensure_dense(seed: int) -> dict:
             folder = dense_dir(seed)
@@ -340,20 +370,22 @@ def main(argv=None):
             for seed in args.seeds:
                 for preset in args.presets:
                     if preset == "dense":
-                        if results.has(task, "dense", 1.0, seed, precision=args.precision):
+                        if results.has({"task": task, "preset": "dense", "keep": 1.0, "seed": seed,
+                                        "precision": args.precision, "epochs": dense_epochs}):
                             continue
                         dense = ensure_dense(seed)
                         results.add({"task": task, "preset": "dense", "keep": 1.0, "seed": seed,
                                      "main": dense["metrics"]["main"], "metrics": dense["metrics"],
                                      "train_examples": dense["train_examples"],
-                                     "epochs": {"dense": args.dense_epochs}, "minutes": dense["seconds"] / 60,
+                                     "epochs": dense_epochs, "minutes": dense["seconds"] / 60,
                                      "machine": machine(), "precision": args.precision, "date": now()}, render)
                         continue
-                    if results.has(task, preset, keep, seed, args.variant, args.precision):
+                    if results.has({"task": task, "preset": preset, "keep": keep, "seed": seed,
+                                    "variant": args.variant, "precision": args.precision, "epochs": epochs}):
                         continue
                     ensure_dense(0)
                     name = preset + (f"+{args.variant}" if args.variant else "")
-                    run_dir = args.work_dir / task / f"{name}-keep{keep}-seed{seed}{suffix}"
+                    run_dir = args.work_dir / task / f"{name}-keep{keep}-seed{seed}{suffix}{budget_suffix(epochs)}"
                     # Every method starts from the seed-0 dense checkpoint (base["model"] is what that was tuned from).
                     options = {**base, **recipe_options, "model": str(dense_dir(0))}
                     config = RecipeConfig.create(task, keep, str(run_dir), method=preset, seed=seed, resume=True,
@@ -368,8 +400,7 @@ def main(argv=None):
                         **({"variant": args.variant, "recipe": recipe_options} if args.variant else {}),
                         "main": report["final_metrics"]["main"], "metrics": report["final_metrics"],
                         "train_examples": report.get("train_examples"),
-                        "epochs": {"dense": args.dense_epochs, "prune": args.prune_epochs,
-                                   "mixed": args.mixed_epochs},
+                        "epochs": epochs,
                         # A resumed run's stages ran in several processes: their recorded times add up (the
                         # part of a stage lost to the interruption is not counted: "resumed" says so).
                         "minutes": sum(stage.get("seconds", 0.0) for stage in report["stages"]) / 60

@@ -1,4 +1,5 @@
 """The quality report's variant comparison (benchmarks/quality.py) against numpy's mean and sample std."""
+import json
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import quality  # noqa: E402  (benchmarks/ is not a package)
 
 
 def row(task, main, seed, variant="", preset="lpaf", keep=0.25):
-    return {"task": task, "preset": preset, "keep": keep, "seed": seed, "main": main,
+    epochs = {"dense": 3.0} if preset == "dense" else dict(quality.DEFAULT_EPOCHS)
+    return {"task": task, "preset": preset, "keep": keep, "seed": seed, "main": main, "epochs": epochs,
+            "train_examples": 100, "minutes": 1.0, "degenerate": False,
             **({"variant": variant} if variant else {})}
 
 
@@ -59,3 +62,27 @@ def test_keeps_and_precisions_are_compared_only_with_their_own_kind():
     rows = [row("mrpc", 0.85, s) for s in range(2)] + [row("mrpc", 0.80, s, keep=0.5) for s in range(2)]
     rows += [dict(row("mrpc", 0.70, s, "no-mixed", keep=0.5), precision="bf16") for s in range(2)]
     assert quality.variant_comparison(rows) == []  # the bf16 variant has no bf16 lpaf at keep 0.5
+
+
+def test_runs_of_another_training_budget_are_other_measurements(tmp_path):
+    """A dense model trained 6 epochs is not the 3-epoch grid's dense run of the same seed: merging keeps both, the
+    tables and labels tell them apart, and their run folders differ."""
+    grid = row("cola", 0.27, 0, preset="dense", keep=1.0)
+    longer = dict(grid, main=0.29, epochs={"dense": 6.0})
+    lpaf = row("cola", 0.23, 0)
+    results = quality.Results(tmp_path / "quality")
+    results.majority = {"cola": 0.0}
+    for r in (grid, lpaf):
+        results.add(dict(r), render=False)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"majority": {"cola": 0.0}, "rows": [dict(longer, degenerate=False),
+                                                                      dict(grid, main=0.5, degenerate=False)]}))
+    assert results.merge(other) == 1  # the 6-epoch run is new; the 3-epoch seed 0 is already there
+    assert [r["main"] for r in results.rows] == [0.27, 0.23, 0.29]
+    assert [quality.method(r) for r in results.rows] == ["dense", "lpaf", "dense (6 epochs)"]
+    markdown = quality.to_markdown(results.majority, results.rows)
+    assert "| dense | 1.0 | 1 | 27.0 (1 seed) |" in markdown
+    assert "| dense (6 epochs) | 1.0 | 1 | 29.0 (1 seed) |" in markdown
+    assert quality.budget_suffix({"dense": 3.0}) == "" and quality.budget_suffix(quality.DEFAULT_EPOCHS) == ""
+    assert quality.budget_suffix({"dense": 6.0}) == "-e-dense6"
+    assert quality.budget_suffix({"dense": 3.0, "prune": 10.0, "mixed": 2.0}) == "-e-prune10"
