@@ -17,7 +17,8 @@
 #                                          #   one job per task and seed (QUALITY_TASKS, QUALITY_SEEDS: 0 1 2), each
 #                                          #   running in order the keep-0.25 presets (dense lpaf svd fwsvd), the
 #                                          #   LPAF ablations (QUALITY_ABLATION_TASKS: mrpc stsb), keeps 0.5 and 0.1
-#                                          #   then recipe variants (QUALITY_PHASES: grid ablations keeps variants);
+#                                          #   then recipe variants (QUALITY_PHASES: grid convergence ablations
+#                                          #   keeps variants; convergence: dense trained 6 epochs, not 3);
 #                                          #   bf16; SST-2 on 10,000
 #                                          #   sentences; a later `all` or `grid` call on the same machine resumes
 #                                          #   what did not finish (QUALITY_WORK_DIR, default
@@ -202,9 +203,10 @@ run_inference() {
 # The quality grid of issue 13: one background job per (task, seed) on the one GPU (the small model leaves it mostly
 # idle), each running its runs in order of need: the keep-0.25 presets (QUALITY_PRESETS, dense first; every
 # compressed run starts from the seed-0 dense checkpoint, which the task's first job trains and the others wait
-# for), then on QUALITY_ABLATION_TASKS the LPAF ablations (one component removed at a time), then keeps 0.5 and 0.1
+# for), then the dense model trained twice as long (has the baseline converged?), then on QUALITY_ABLATION_TASKS
+# the LPAF ablations (one component removed at a time), then keeps 0.5 and 0.1
 # for lpaf and svd, then on the ablation tasks the candidates for the default recipe (VARIANTS). QUALITY_PHASES
-# picks among "grid ablations keeps variants". Every job stops at the budget and keeps the
+# picks among "grid convergence ablations keeps variants". Every job stops at the budget and keeps the
 # rows of the runs it finished; the work folder QUALITY_WORK_DIR (default /tmp/lrsparse_quality_grid) lets a later
 # call on the same machine resume the unfinished ones. pause_quality / resume_quality stop the jobs (SIGSTOP) while
 # the benchmarks time the GPU.
@@ -216,6 +218,7 @@ ABLATIONS=("no-prune pruner=none" "no-activation factorizer=svd" "no-mixed mixed
 VARIANTS=("kd --distill-weight 0.5 --distill-hidden-weight 1.0" "act-importance --set factorizer=activation-importance"
           "sparsity-aware --set factorizer=sparsity-aware" "match --set mixed_rank_match=1.0"
           "stochastic --mixed-rank stochastic")
+DEFAULT_PHASES="grid convergence ablations keeps variants"
 QUALITY_JOBS=()
 declare -A QUALITY_PIDS
 QUALITY_WORK=""
@@ -232,10 +235,15 @@ quality_run() {  # OUT_NAME, then quality.py's own arguments
 
 quality_job() {  # TASK SEED; a failed run is reported by wait_quality, the budget's end stops the job
   local task=$1 seed=$2 ablation variant setting
-  local phases=" ${QUALITY_PHASES:-grid ablations keeps variants} "
+  local phases=" ${QUALITY_PHASES:-$DEFAULT_PHASES} "
   if [[ $phases == *" grid "* ]]; then
     # shellcheck disable=SC2086  # presets: one word each
     quality_run "${task}_s${seed}" --tasks "$task" --seeds "$seed" --keeps 0.25 --presets $QUALITY_PRESETS_LIST
+    if [ $? -eq 124 ]; then return; fi
+  fi
+  if [[ $phases == *" convergence "* ]]; then  # has the dense baseline converged? the same, trained twice as long
+    quality_run "${task}_s${seed}_dense_long" --tasks "$task" --seeds "$seed" --presets dense \
+      --dense-epochs "$DENSE_CHECK_EPOCHS"
     if [ $? -eq 124 ]; then return; fi
   fi
   if [[ $phases == *" ablations "* ]] && [[ " ${QUALITY_ABLATION_TASKS:-mrpc stsb} " == *" $task "* ]]; then
@@ -266,9 +274,11 @@ start_quality() {
   if [ $DRY = 1 ]; then
     QUALITY_ARGS=(--device cpu --precision fp32 --train-samples 64 --eval-samples 32 --dense-epochs 0.25
                   --prune-epochs 0.5 --mixed-epochs 0.25 --max-seq-len 32 --threads 1)
+    DENSE_CHECK_EPOCHS=0.5
     seconds=100000
   else
     QUALITY_ARGS=(--device cuda --precision bf16 --sst2-train-samples "${QUALITY_SST2_SAMPLES:-20000}" --threads 1)
+    DENSE_CHECK_EPOCHS=6
     seconds="$(cap 100000 15)"
   fi
   if [ "$seconds" -lt 60 ]; then step "quality runs: NOT RUN (${seconds} s left of the budget)"; return; fi
@@ -276,7 +286,7 @@ start_quality() {
   QUALITY_DEADLINE=$((SECONDS + seconds))
   QUALITY_WORK="${QUALITY_WORK_DIR:-$(mktemp -d)}"
   mkdir -p "$QUALITY_WORK"
-  step "quality runs in the background, ${seconds} s: phases ${QUALITY_PHASES:-grid ablations keeps variants}; presets" \
+  step "quality runs in the background, ${seconds} s: phases ${QUALITY_PHASES:-$DEFAULT_PHASES}; presets" \
        "$QUALITY_PRESETS_LIST at keep 0.25; seeds ${QUALITY_SEEDS:-0}; one job per task and seed; work $QUALITY_WORK"
   for seed in ${QUALITY_SEEDS:-0}; do
     for task in "${QUALITY_TASKS[@]}"; do
