@@ -205,19 +205,21 @@ def to_markdown(majority: dict, rows: list[dict]) -> str:
 
 def variant_comparison(rows: list[dict], base: str = "lpaf") -> list[str]:
     """Each recipe variant of ``base`` (an ablation such as lpaf+no-mixed, or an alternative such as
-    lpaf+sparsity-aware) against ``base`` itself at the same task, keep and precision. A difference counts only when it
-    exceeds the larger of the two seed standard deviations (the ablation target's "more than one standard deviation");
-    with fewer than 2 seeds on either side there is no spread to compare with and the verdict says so."""
-    groups: dict[tuple, list[float]] = {}
+    lpaf+sparsity-aware) against ``base`` itself at the same task, keep, precision and budget. A difference counts
+    only when it exceeds the larger of the two seed standard deviations (the ablation target's "more than one standard
+    deviation"); with fewer than 2 seeds on either side there is no spread to compare with and the verdict says so.
+    The per-seed differences (same seed, same starting checkpoint) show whether the sign holds seed by seed."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["preset"] == base:
             key = (r["task"], r["keep"], r.get("precision", "fp32"), epochs_text(r["epochs"]), r.get("variant", ""))
-            groups.setdefault(key, []).append(r["main"])
+            groups.setdefault(key, []).append(r)
     lines = []
-    for (task, keep, precision, budget, variant), values in sorted(groups.items()):
-        reference = groups.get((task, keep, precision, budget, ""))
-        if not variant or not reference:
+    for (task, keep, precision, budget, variant), group in sorted(groups.items()):
+        reference_rows = groups.get((task, keep, precision, budget, ""))
+        if not variant or not reference_rows:
             continue
+        values, reference = [r["main"] for r in group], [r["main"] for r in reference_rows]
         loss = statistics.mean(reference) - statistics.mean(values)
         if min(len(reference), len(values)) < 2:
             spread, verdict = "-", "no spread (n < 2)"
@@ -228,16 +230,20 @@ def variant_comparison(rows: list[dict], base: str = "lpaf") -> list[str]:
                        else "inside the noise")
             if min(len(reference), len(values)) < 3:
                 verdict += " (n < 3)"
-        lines.append(f"| {task} | {keep} | {method({'preset': base, 'variant': variant, 'precision': precision})} | "
-                     f"{len(values)} | {mean_std(values)} | {len(reference)} | {mean_std(reference)} | "
-                     f"{100 * loss:+.1f} | {spread} | {verdict} |")
+        by_seed = {r["seed"]: r["main"] for r in reference_rows}
+        paired = ", ".join(f"{r['seed']}: {100 * (by_seed[r['seed']] - r['main']):+.1f}"
+                           for r in sorted(group, key=lambda r: r["seed"]) if r["seed"] in by_seed)
+        lines.append(f"| {task} | {keep} | {method(group[0])} | {len(values)} | {mean_std(values)} | "
+                     f"{len(reference)} | {mean_std(reference)} | {100 * loss:+.1f} | {spread} | {verdict} | "
+                     f"{paired or '-'} |")
     if not lines:
         return []
     return [f"## Recipe variants and ablations against {base}", "",
             f"`{base} - variant` is what the variant loses (positive: the variant is worse); `std` is the larger of "
-            "the two sample standard deviations over seeds.", "",
-            f"| task | keep | variant | n | variant main | n ({base}) | {base} main | {base} - variant | std | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
+            "the two sample standard deviations over seeds; `per seed` pairs the runs of the same seed.", "",
+            f"| task | keep | variant | n | variant main | n ({base}) | {base} main | {base} - variant | std | "
+            "verdict | per seed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def plot(rows: list[dict], task: str, majority: float | None, path: Path) -> None:

@@ -44,6 +44,8 @@ def test_verdicts_follow_the_larger_sample_std():
         assert float(cells[8]) == pytest.approx(spread, abs=0.051)
         assert cells[9] == verdict
         assert cells[3] == "3" and cells[5] == "3"
+        paired = [float(item.split(": ")[1]) for item in cells[10].split(", ")]
+        assert paired == pytest.approx(100 * (np.array(lpaf) - np.array(values)), abs=0.051)
 
 
 def test_too_few_seeds_and_missing_reference_are_said_not_judged():
