@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import fcntl
+import importlib.metadata
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from pathlib import Path
 import torch
 from plotting import line_plot
 
+import lrsparse
 from lrsparse.config import LPAFConfig
 from lrsparse.data import get_task, load_glue
 from lrsparse.metrics import compute_metrics
@@ -99,6 +101,19 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads{gpu}, torch {torch.__version__}, {platform.platform()}")
+
+
+def software() -> dict:
+    """The package versions a run's numbers depend on besides torch and the machine: the same code, seed and
+    checkpoint trained differently in two environments (CoLA lpaf seed 0, 2026-12-01 and 2026-12-02), and rows that
+    name their versions let such a difference be traced."""
+    versions = {"lrsparse_extension": dict(lrsparse.BUILD_INFO)}
+    for package in ("transformers", "tokenizers", "numpy", "scipy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def now() -> str:
@@ -384,7 +399,8 @@ def main(argv=None):
                                      "main": dense["metrics"]["main"], "metrics": dense["metrics"],
                                      "train_examples": dense["train_examples"],
                                      "epochs": dense_epochs, "minutes": dense["seconds"] / 60,
-                                     "machine": machine(), "precision": args.precision, "date": now()}, render)
+                                     "machine": machine(), "software": software(), "precision": args.precision,
+                                     "date": now()}, render)
                         continue
                     if results.has({"task": task, "preset": preset, "keep": keep, "seed": seed,
                                     "variant": args.variant, "precision": args.precision, "epochs": epochs}):
@@ -412,7 +428,7 @@ def main(argv=None):
                         "minutes": sum(stage.get("seconds", 0.0) for stage in report["stages"]) / 60
                         if resumed else report.get("run_seconds", time.time() - t0) / 60,
                         "resumed": resumed,
-                        "machine": machine(), "precision": args.precision, "date": now(),
+                        "machine": machine(), "software": software(), "precision": args.precision, "date": now(),
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
                         "factorizer": report["factorization"],  # what the preset meant when it ran

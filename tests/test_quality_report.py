@@ -88,3 +88,17 @@ def test_runs_of_another_training_budget_are_other_measurements(tmp_path):
     assert quality.budget_suffix({"dense": 3.0}) == "" and quality.budget_suffix(quality.DEFAULT_EPOCHS) == ""
     assert quality.budget_suffix({"dense": 6.0}) == "-e-dense6"
     assert quality.budget_suffix({"dense": 3.0, "prune": 10.0, "mixed": 2.0}) == "-e-prune10"
+
+
+def test_rows_name_the_package_versions_they_ran_with():
+    """Each row's ``software`` matches what the packages report about themselves, and the extension's build."""
+    import lrsparse
+    import numpy
+    import scipy
+    import tokenizers
+    import transformers
+
+    versions = quality.software()
+    assert versions == {"lrsparse_extension": dict(lrsparse.BUILD_INFO), "transformers": transformers.__version__,
+                        "tokenizers": tokenizers.__version__, "numpy": numpy.__version__,
+                        "scipy": scipy.__version__}
