@@ -69,7 +69,10 @@ def build_stages(args, dataset, collate, recipe) -> dict:
     train(pruned, dataset, recipe("fp32"), args.warmup_steps, 0, "warm-up", collate, torch.device("cpu"), compressor)
     mixed, mixed_compressor = copy.deepcopy((pruned, compressor))
     mixed_compressor.pruner.update_mask(args.keep)  # the density the pruning stage ends at
-    mixed_compressor.factorize(total_steps=10**9)  # alpha stays near 0: both paths run, as during the blend
+    # LPAF's activation-aware factorizer fits each layer's outputs on calibration batches (its first 256 examples).
+    calibration = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate)
+    # alpha stays near 0: both paths run, as during the blend
+    mixed_compressor.factorize(total_steps=10**9, calibration=calibration)
     low_rank, low_rank_compressor = copy.deepcopy((mixed, mixed_compressor))
     low_rank_compressor.convert()  # a converted compressor's step() does nothing: the final model trains alone
     return {"dense": (dense, None), "prune": (pruned, compressor), "mixed_rank": (mixed, mixed_compressor),
