@@ -37,7 +37,9 @@ The ablations remove one LPAF component at a time with ``--set`` (any RecipeConf
 Results: ``<out>.json`` = ``{"majority": {task: score}, "rows": [...]}`` with one self-describing row per run,
 ``<out>.md`` with mean +- std tables, ``<out>_<task>.png``. A run scoring within 1 point of the majority-class
 baseline (or below it) is marked degenerate. Each finished run is written at once; an interrupted run resumes
-from its checkpoint on the next invocation.
+from its checkpoint on the next invocation. Several invocations may run at once with the same ``--out`` and
+``--work-dir`` (e.g. one per core with ``--threads 1``): the results file and each task's dense training are locked,
+so none of them loses another's rows or trains the same dense model twice.
 """
 from __future__ import annotations
 
@@ -121,14 +123,22 @@ def now() -> str:
 
 
 class Results:
-    """quality.json, rewritten (with the markdown and plots) after every finished run."""
+    """quality.json, rewritten (with the markdown and plots) after every finished run. Several invocations may share
+    one results file (e.g. one process per core): every save takes a lock and first adds the rows the others wrote
+    since, so no finished run is lost to a concurrent writer."""
 
     def __init__(self, out: Path):
         self.out = out
         self.json_path = out.with_suffix(".json")
+        self.majority: dict[str, float] = {}
+        self.rows: list[dict] = []
+        self._add_saved()
+
+    def _add_saved(self) -> None:
+        """Adds what the file holds and this object lacks (rows of cells it has not recorded, majority scores)."""
         saved = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
-        self.majority: dict[str, float] = saved.get("majority", {})
-        self.rows: list[dict] = saved.get("rows", [])
+        self.majority = {**saved.get("majority", {}), **self.majority}
+        self.rows += [r for r in saved.get("rows", []) if not self.has(r)]
 
     def has(self, row: dict) -> bool:
         """Whether a run of the same cell and seed (see :func:`cell`) is already recorded."""
@@ -150,17 +160,20 @@ class Results:
 
     def save(self, render: bool = True) -> None:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        # + 0.0 turns the -0.0 that a constant prediction's Pearson can round to into 0.0 (shown as "-0.0" otherwise).
-        self.majority = {task: score + 0.0 for task, score in self.majority.items()}
-        payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
-        tmp = self.json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, self.json_path)
-        if not render:  # e.g. on a GPU machine, whose results come back as few files as possible
-            return
-        self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
-        for task in sorted({r["task"] for r in self.rows}):
-            plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
+        with open(self.json_path.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._add_saved()  # what other processes sharing the file have written since this one read it
+            # + 0.0 turns the -0.0 that a constant prediction's Pearson can round to into 0.0 (shown as "-0.0").
+            self.majority = {task: score + 0.0 for task, score in self.majority.items()}
+            payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
+            tmp = self.json_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+            os.replace(tmp, self.json_path)
+            if not render:  # e.g. on a GPU machine, whose results come back as few files as possible
+                return
+            self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
+            for task in sorted({r["task"] for r in self.rows}):
+                plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
 
 
 def method(row: dict) -> str:

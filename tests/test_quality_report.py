@@ -102,3 +102,19 @@ def test_rows_name_the_package_versions_they_ran_with():
     assert versions == {"lrsparse_extension": dict(lrsparse.BUILD_INFO), "transformers": transformers.__version__,
                         "tokenizers": tokenizers.__version__, "numpy": numpy.__version__,
                         "scipy": scipy.__version__}
+
+
+def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
+    """Two invocations that read quality.json before either finished a run: each save first adds what the other
+    wrote, so the file ends with both runs (a plain rewrite of what each process read would keep only the last)."""
+    out = tmp_path / "quality"
+    first, second = quality.Results(out), quality.Results(out)
+    for results in (first, second):
+        results.majority = {"cola": 0.0}
+    first.add(row("cola", 0.25, 0), render=False)
+    second.add(row("cola", 0.21, 1), render=False)
+    first.add(row("cola", 0.22, 2), render=False)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert sorted((r["seed"], r["main"]) for r in saved["rows"]) == [(0, 0.25), (1, 0.21), (2, 0.22)]
+    assert sorted(r["seed"] for r in quality.Results(out).rows) == [0, 1, 2]
+    assert saved["majority"] == {"cola": 0.0}
