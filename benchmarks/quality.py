@@ -132,9 +132,9 @@ class Results:
         self.json_path = out.with_suffix(".json")
         self.majority: dict[str, float] = {}
         self.rows: list[dict] = []
-        self._add_saved()
+        self.add_saved()
 
-    def _add_saved(self) -> None:
+    def add_saved(self) -> None:
         """Adds what the file holds and this object lacks (rows of cells it has not recorded, majority scores)."""
         saved = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
         self.majority = {**saved.get("majority", {}), **self.majority}
@@ -162,7 +162,7 @@ class Results:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.json_path.with_suffix(".json.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._add_saved()  # what other processes sharing the file have written since this one read it
+            self.add_saved()  # what other processes sharing the file have written since this one read it
             # + 0.0 turns the -0.0 that a constant prediction's Pearson can round to into 0.0 (shown as "-0.0").
             self.majority = {task: score + 0.0 for task, score in self.majority.items()}
             payload = {"majority": self.majority, "degenerate_margin": DEGENERATE_MARGIN, "rows": self.rows}
@@ -403,6 +403,7 @@ def main(argv=None):
         for keep in args.keeps:
             for seed in args.seeds:
                 for preset in args.presets:
+                    results.add_saved()  # a process sharing the results file may have run this cell since
                     if preset == "dense":
                         if results.has({"task": task, "preset": "dense", "keep": 1.0, "seed": seed,
                                         "precision": args.precision, "epochs": dense_epochs}):
