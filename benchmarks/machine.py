@@ -26,6 +26,7 @@ def machine_info() -> dict:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen's CPU kernels run
         "lrsparse_build": dict(lrsparse.BUILD_INFO),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -101,8 +101,10 @@ def majority_score(task: str, data_dir: str) -> float:
 
 def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    # The vector ISA ATen dispatches its CPU kernels to (AVX2 / AVX512): another one sums in another order.
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-            f"threads{gpu}, torch {torch.__version__}, {platform.platform()}")
+            f"threads{gpu}, torch {torch.__version__}, {platform.platform()}, "
+            f"ATen CPU {torch.backends.cpu.get_cpu_capability()}")
 
 
 def software() -> dict:
