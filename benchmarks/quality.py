@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -118,6 +119,21 @@ def software() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return versions
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a saved model's tensors, names and bytes in name order: two dense
+    checkpoints with the same dev score may still differ in their last bits, and a run's pruning decisions amplify
+    such a difference; the rows name the exact weights they started from."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def now() -> str:
@@ -416,7 +432,7 @@ def main(argv=None):
                                      "train_examples": dense["train_examples"],
                                      "epochs": dense_epochs, "minutes": dense["seconds"] / 60,
                                      "machine": machine(), "software": software(), "precision": args.precision,
-                                     "date": now()}, render)
+                                     "date": now(), "weights": weights_digest(dense_dir(seed))}, render)
                         continue
                     if results.has({"task": task, "preset": preset, "keep": keep, "seed": seed,
                                     "variant": args.variant, "precision": args.precision, "epochs": epochs}):
@@ -445,6 +461,7 @@ def main(argv=None):
                         if resumed else report.get("run_seconds", time.time() - t0) / 60,
                         "resumed": resumed,
                         "machine": machine(), "software": software(), "precision": args.precision, "date": now(),
+                        "start_weights": weights_digest(dense_dir(0)),
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
                         "factorizer": report["factorization"],  # what the preset meant when it ran

@@ -118,3 +118,22 @@ def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
     assert sorted((r["seed"], r["main"]) for r in saved["rows"]) == [(0, 0.25), (1, 0.21), (2, 0.22)]
     assert sorted(r["seed"] for r in quality.Results(out).rows) == [0, 1, 2]
     assert saved["majority"] == {"cola": 0.0}
+
+
+def test_weights_digest_tells_last_bit_differences_and_ignores_file_metadata(tmp_path):
+    """Two checkpoints of the same tensors (other file metadata, other key order) share a digest; one float moved by
+    a single ulp changes it (a dev score cannot tell those apart)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"b.weight": torch.randn(4, 3), "a.bias": torch.randn(3)}
+    for name, metadata in (("first", {"format": "pt"}), ("second", {"format": "pt", "note": "resaved"})):
+        (tmp_path / name).mkdir()
+        save_file(dict(reversed(list(tensors.items()))) if name == "second" else tensors,
+                  str(tmp_path / name / "model.safetensors"), metadata=metadata)
+    nudged = {k: v.clone() for k, v in tensors.items()}
+    nudged["b.weight"][2, 1] = torch.nextafter(nudged["b.weight"][2, 1], torch.tensor(float("inf")))
+    (tmp_path / "nudged").mkdir()
+    save_file(nudged, str(tmp_path / "nudged" / "model.safetensors"))
+    first, second, third = (quality.weights_digest(tmp_path / n) for n in ("first", "second", "nudged"))
+    assert first == second and first != third and len(first) == 16
