@@ -3,6 +3,7 @@ the numbers they put in context), the median timer, and writing a report."""
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,6 +21,19 @@ def median_ms(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def software() -> dict:
+    """The package versions a run's numbers depend on besides torch and the machine: the same code, seed and
+    checkpoint trained differently in two environments (CoLA lpaf seed 0, 2026-12-01 and 2026-12-02), and rows that
+    name their versions let such a difference be traced."""
+    versions = {"lrsparse_extension": dict(lrsparse.BUILD_INFO)}
+    for package in ("transformers", "tokenizers", "numpy", "scipy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
@@ -28,6 +42,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen's CPU kernels run
         "lrsparse_build": dict(lrsparse.BUILD_INFO),
+        "software": software(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -48,7 +48,6 @@ import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -59,9 +58,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from machine import software
 from plotting import line_plot
 
-import lrsparse
 from lrsparse.config import LPAFConfig
 from lrsparse.data import get_task, load_glue
 from lrsparse.metrics import compute_metrics
@@ -106,19 +105,6 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads{gpu}, torch {torch.__version__}, {platform.platform()}, "
             f"ATen CPU {torch.backends.cpu.get_cpu_capability()}")
-
-
-def software() -> dict:
-    """The package versions a run's numbers depend on besides torch and the machine: the same code, seed and
-    checkpoint trained differently in two environments (CoLA lpaf seed 0, 2026-12-01 and 2026-12-02), and rows that
-    name their versions let such a difference be traced."""
-    versions = {"lrsparse_extension": dict(lrsparse.BUILD_INFO)}
-    for package in ("transformers", "tokenizers", "numpy", "scipy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def weights_digest(folder: Path) -> str:
