@@ -22,9 +22,8 @@ def median_ms(fn, min_run_time: float) -> float:
 
 
 def software() -> dict:
-    """The package versions a run's numbers depend on besides torch and the machine: the same code, seed and
-    checkpoint trained differently in two environments (CoLA lpaf seed 0, 2026-12-01 and 2026-12-02), and rows that
-    name their versions let such a difference be traced."""
+    """The package versions a run's numbers depend on besides torch and the machine (with :func:`vector_isa`):
+    rows that name them let a difference between two runs of the same code, seed and checkpoint be traced."""
     versions = {"lrsparse_extension": dict(lrsparse.BUILD_INFO)}
     for package in ("transformers", "tokenizers", "numpy", "scipy"):
         try:
@@ -34,6 +33,21 @@ def software() -> dict:
     return versions
 
 
+# Environment variables that override which vector ISA oneDNN, MKL and ATen run (e.g. AVX2 on an AVX-512 host).
+ISA_OVERRIDES = ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def vector_isa() -> str:
+    """The vector ISA the CPU kernels run, e.g. "ATen CPU AVX512" or "ATen CPU AVX2 (DNNL_MAX_CPU_ISA=AVX2, ...)".
+
+    It changes the numbers: oneDNN's AVX2 and AVX-512 GEMM kernels (nn.Linear's forward and backward) round
+    differently, and a fine-tuning run from the same seed ends with other weights (CoLA lpaf seed 0 on an AVX-512
+    host reproduced the AVX2 host's run to the last digit only with these overrides set to AVX2, 2026-12-02). ATen's
+    dispatch follows the CPU as oneDNN's does unless one of them is overridden, so the overrides are named too."""
+    overrides = [f"{name}={os.environ[name]}" for name in ISA_OVERRIDES if os.environ.get(name)]
+    return f"ATen CPU {torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(overrides)})" if overrides else "")
+
+
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
@@ -41,6 +55,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen's CPU kernels run
+        "vector_isa": vector_isa(),
         "lrsparse_build": dict(lrsparse.BUILD_INFO),
         "software": software(),
         "threads": torch.get_num_threads(),

@@ -58,7 +58,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from machine import software
+from machine import software, vector_isa
 from plotting import line_plot
 
 from lrsparse.config import LPAFConfig
@@ -101,10 +101,9 @@ def majority_score(task: str, data_dir: str) -> float:
 
 def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    # The vector ISA ATen dispatches its CPU kernels to (AVX2 / AVX512): another one sums in another order.
+    # The vector ISA (AVX2 / AVX512): another one rounds the GEMMs differently, so the same seed trains other weights.
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-            f"threads{gpu}, torch {torch.__version__}, {platform.platform()}, "
-            f"ATen CPU {torch.backends.cpu.get_cpu_capability()}")
+            f"threads{gpu}, torch {torch.__version__}, {platform.platform()}, {vector_isa()}")
 
 
 def weights_digest(folder: Path) -> str:

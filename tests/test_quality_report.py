@@ -104,6 +104,20 @@ def test_rows_name_the_package_versions_they_ran_with():
                         "scipy": scipy.__version__}
 
 
+def test_machine_names_the_vector_isa_and_its_overrides(monkeypatch):
+    """The machine string ends with ATen's ISA as torch reports it, plus each override set in the environment (an
+    AVX2 run on an AVX-512 host rounds like the AVX2 host, not like its own CPU)."""
+    import torch
+
+    for name in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    plain = f"ATen CPU {torch.backends.cpu.get_cpu_capability()}"
+    assert quality.machine().endswith(", " + plain)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert quality.machine().endswith(f", {plain} (DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
+
+
 def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
     """Two invocations that read quality.json before either finished a run: each save first adds what the other
     wrote, so the file ends with both runs (a plain rewrite of what each process read would keep only the last)."""
