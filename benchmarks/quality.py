@@ -174,7 +174,7 @@ class Results:
             os.replace(tmp, self.json_path)
             if not render:  # e.g. on a GPU machine, whose results come back as few files as possible
                 return
-            self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows))
+            self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows, self.out.with_suffix(".json").name))
             for task in sorted({r["task"] for r in self.rows}):
                 plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
 
@@ -201,12 +201,12 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def to_markdown(majority: dict, rows: list[dict]) -> str:
+def to_markdown(majority: dict, rows: list[dict], json_name: str = "quality.json") -> str:
     lines = ["# Compression quality: all-MiniLM-L6-v2 on GLUE (full dev sets)", "",
              "Main metric x 100, mean ± sample std over seeds (n = number of seeds). `majority` is the score of "
              "always predicting the most frequent training label (Pearson of a constant is 0). A run within 1 "
              "point of it, or below it, is degenerate (`deg.` counts them). Reproduce with the commands in "
-             "`benchmarks/quality.py`; every row of `quality.json` holds its machine, date, budget and minutes "
+             f"`benchmarks/quality.py`; every row of `{json_name}` holds its machine, date, budget and minutes "
              "(minutes per run: the mean over the runs that were not resumed after an interruption) and its "
              "`factorizer`: `lpaf` is LPAF's default recipe, whose factorizer is `activation` since 2026-12-01 "
              "(`lpaf+sparsity-aware` is the earlier default; a `+name` suffix is a recipe variant).", ""]
