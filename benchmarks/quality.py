@@ -174,7 +174,8 @@ class Results:
             os.replace(tmp, self.json_path)
             if not render:  # e.g. on a GPU machine, whose results come back as few files as possible
                 return
-            self.out.with_suffix(".md").write_text(to_markdown(self.majority, self.rows, self.out.with_suffix(".json").name))
+            markdown = to_markdown(self.majority, self.rows, self.json_path.name)
+            self.out.with_suffix(".md").write_text(markdown)
             for task in sorted({r["task"] for r in self.rows}):
                 plot(self.rows, task, self.majority.get(task), self.out.parent / f"{self.out.name}_{task}.png")
 

@@ -118,6 +118,15 @@ def test_machine_names_the_vector_isa_and_its_overrides(monkeypatch):
     assert quality.machine().endswith(f", {plain} (DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
 
 
+def test_the_report_names_the_results_file_it_was_rendered_from(tmp_path):
+    """A results file other than quality.json (e.g. quality_same_host) renders a report that points at itself."""
+    results = quality.Results(tmp_path / "quality_same_host")
+    results.majority = {"cola": 0.0}
+    results.add(row("cola", 0.23, 0))  # renders the markdown and the plot
+    markdown = (tmp_path / "quality_same_host.md").read_text()
+    assert "every row of `quality_same_host.json` holds" in markdown and "`quality.json`" not in markdown
+
+
 def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
     """Two invocations that read quality.json before either finished a run: each save first adds what the other
     wrote, so the file ends with both runs (a plain rewrite of what each process read would keep only the last)."""
