@@ -81,6 +81,16 @@ def cell(row: dict) -> tuple:
             row.get("precision", "fp32"), epochs)
 
 
+STAGE_COST_KEYS = ("seconds", "teacher_seconds", "teacher_bytes")
+
+
+def stage_summary(stage: dict) -> dict:
+    """A stage of a run's report as a row keeps it: its main metric and what it cost (seconds, and a distillation
+    teacher's share of them and its memory), so a claim about a stage's time reads from the results file."""
+    return {"name": stage["name"], "main": stage["metrics"]["main"],
+            **{key: stage[key] for key in STAGE_COST_KEYS if key in stage}}
+
+
 def budget_suffix(epochs: dict) -> str:
     """Run-folder suffix naming the stages whose epochs differ from the grid's (e.g. '-e-dense6'), so runs of
     different budgets never share a folder; '' for the grid's own budget (the folder names of the first runs)."""
@@ -451,7 +461,7 @@ def main(argv=None):
                         "target_params_retained": params["target_compressed"] / params["target_dense"],
                         "mean_rank": sum(ranks) / len(ranks) if ranks else None,
                         "factorizer": report["factorization"],  # what the preset meant when it ran
-                        "stages": [{"name": s["name"], "main": s["metrics"]["main"]} for s in report["stages"]],
+                        "stages": [stage_summary(stage) for stage in report["stages"]],
                     }, render)
 
 

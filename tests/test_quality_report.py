@@ -160,3 +160,13 @@ def test_weights_digest_tells_last_bit_differences_and_ignores_file_metadata(tmp
     save_file(nudged, str(tmp_path / "nudged" / "model.safetensors"))
     first, second, third = (quality.weights_digest(tmp_path / n) for n in ("first", "second", "nudged"))
     assert first == second and first != third and len(first) == 16
+
+
+def test_rows_keep_each_stage_cost_from_the_report():
+    """A distilled stage keeps its seconds and the teacher's share and memory; a stage without a teacher has none."""
+    pruned = {"name": "prune", "metrics": {"matthews_corr": 0.26, "main": 0.26}, "seconds": 795.7, "steps": 804,
+              "mean_loss": 0.21, "teacher": "dense", "teacher_seconds": 157.6, "teacher_bytes": 90855944}
+    factorized = {"name": "factorize", "metrics": {"main": 0.21}, "seconds": 12.5}
+    assert quality.stage_summary(pruned) == {"name": "prune", "main": 0.26, "seconds": 795.7,
+                                             "teacher_seconds": 157.6, "teacher_bytes": 90855944}
+    assert quality.stage_summary(factorized) == {"name": "factorize", "main": 0.21, "seconds": 12.5}
