@@ -89,7 +89,7 @@ def configuration(report: dict, base: dict) -> tuple[str, dict]:
     """A run's configuration label (keep, factorizer, and whatever recipe option differs from ``base``, the first
     run's) and its recipe, seed excluded."""
     config = report["config"]
-    recipe = {key: config[key] for key in RECIPE_KEYS} | {"mixed_rank_match": config["lpaf"]["mixed_rank_match"]}
+    recipe = {key: config[key] for key in RECIPE_KEYS}
     differences = [f"{key} {value}" for key, value in recipe.items() if base.get(key, value) != value]
     return f"keep {report['keep']} ({', '.join([config['lpaf']['factorizer'], *differences])})", recipe
 
@@ -275,11 +275,10 @@ def commands(models: list[dict], argv: list[str]) -> list[str]:
     for m in models:
         if m["report"] is not None:
             c = m["report"]["config"]
-            match = c["lpaf"]["mixed_rank_match"]
             lines.append(f"lrsparse compress --task embedding --train-text {c['train_text']} --data-dir DATA/glue "
                          f"--keep {m['keep']} --factorization {c['lpaf']['factorizer']} --prune-epochs "
                          f"{c['prune_epochs']} --mixed-epochs {c['mixed_epochs']} --distill-hidden-weight "
-                         f"{c['distill_hidden_weight']}" + (f" --mixed-rank-match {match}" if match else "")
+                         f"{c['distill_hidden_weight']}"
                          + f" --seed {m['seed']} --output runs/embedding/...")
     return lines + [f"PYTHONPATH=python python benchmarks/embedding.py {' '.join(argv)}"]
 

@@ -213,10 +213,9 @@ run_inference() {
 read -ra QUALITY_TASKS <<< "${QUALITY_TASKS:-sst2 mrpc cola stsb}"
 ABLATIONS=("no-prune pruner=none" "no-activation factorizer=svd" "no-mixed mixed_rank=none")
 # candidates for the default recipe: distillation from the dense model, the activation-aware factorizer with the
-# importance weighting of the rows, the previous default (sparsity-aware), the mixed-rank stage with the sparse path
-# frozen as a per-layer teacher, per-forward stochastic replacement
+# importance weighting of the rows, the previous default (sparsity-aware), per-forward stochastic replacement
 VARIANTS=("kd --distill-weight 0.5 --distill-hidden-weight 1.0" "act-importance --set factorizer=activation-importance"
-          "sparsity-aware --set factorizer=sparsity-aware" "match --set mixed_rank_match=1.0"
+          "sparsity-aware --set factorizer=sparsity-aware"
           "stochastic --mixed-rank stochastic")
 DEFAULT_PHASES="grid convergence ablations keeps variants"
 QUALITY_JOBS=()

@@ -46,9 +46,6 @@ class TimedCompressor:
     def __init__(self, compressor):
         self.compressor, self.seconds, self.calls = compressor, 0.0, 0
 
-    def layer_loss(self):
-        return self.compressor.layer_loss()
-
     def step(self, optimizer=None, **options) -> None:
         start = time.perf_counter()
         self.compressor.step(optimizer, **options)

@@ -66,11 +66,22 @@ def test_config_errors_name_the_field(changes, message):
 def test_config_dict_round_trip_and_version():
     config = lrsparse.PRESETS["lpaf"].replace(keep=0.3, targets=["query$"], delta_t=5)
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["format_version"] == 1 and lrsparse.LPAFConfig.from_dict(data) == config
-    with pytest.raises(ValueError, match="format_version must be 1, got 7"):
+    assert data["format_version"] == 2 and lrsparse.LPAFConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="format_version must be 1 to 2, got 7"):
         lrsparse.LPAFConfig.from_dict({**data, "format_version": 7})
     with pytest.raises(ValueError, match=r"has no field\(s\) \['colour'\]"):
         lrsparse.LPAFConfig.from_dict({**data, "colour": "red"})
+
+
+def test_config_of_format_1_loads_unless_it_used_a_removed_field():
+    """Models saved before mixed_rank_match was removed (format 1) still load; one trained with it is an error."""
+    config = lrsparse.PRESETS["lpaf"].replace(keep=0.3)
+    old = {**config.to_dict(), "format_version": 1, "mixed_rank_match": 0.0}
+    assert lrsparse.LPAFConfig.from_dict(old) == config
+    with pytest.raises(ValueError, match=r"field 'mixed_rank_match' \(= 1.0\) was removed after format_version 1"):
+        lrsparse.LPAFConfig.from_dict({**old, "mixed_rank_match": 1.0})
+    with pytest.raises(ValueError, match=r"has no field\(s\) \['mixed_rank_match'\]"):
+        lrsparse.LPAFConfig.from_dict({**config.to_dict(), "mixed_rank_match": 0.0})  # format 2 never had it
 
 
 def test_presets_say_what_they_need():

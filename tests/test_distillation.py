@@ -131,7 +131,7 @@ def _recipe(tmp_path, checkpoint, data_dir, name, **overrides):
     settings = dict(task="sst2", keep=0.5, output_dir=str(tmp_path / name), model=str(checkpoint),
                     data_dir=str(data_dir / "glue"), max_train_samples=96, max_eval_samples=64, epochs=1,
                     batch_size=16, lr=1e-3, max_seq_len=32, device="cpu", checkpoint_every=2, distill_weight=0.5,
-                    distill_hidden_weight=1.0, distill_teacher="pruned", mixed_rank_match=0.5)
+                    distill_hidden_weight=1.0, distill_teacher="pruned")
     settings.update(overrides)
     return RecipeConfig.create(**settings)
 
@@ -192,64 +192,3 @@ def test_trainer_trains_on_the_distillation_objective(tmp_path):
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(models[1.0].parameters(), plain.parameters()))
     with pytest.raises(TypeError, match="distiller must be an lrsparse.Distiller"):
         DistillationTrainer(model=plain, args=args, train_dataset=dataset, distiller=object())
-
-
-# ------------------------------------------------------------------------------------------ per-layer matching
-def _factorized(match: float, seed: int = 0):
-    model = tiny_bert(seed=seed)
-    config = lrsparse.PRESETS["lpaf"].replace(keep=0.5, mixed_rank_match=match, blend_fraction=1.0,
-                                              rank_allocation="uniform", factorization_iters=3,
-                                              initial_warmup_fraction=0.0, final_warmup_fraction=0.0, delta_t=1)
-    compressor = lrsparse.prepare(model, config, total_steps=1)
-    model(**_batch()).loss.backward()
-    compressor.step()
-    model.zero_grad()
-    compressor.factorize(total_steps=100, calibration=[_batch()])
-    return model, compressor
-
-
-def test_layer_loss_is_each_layers_relative_output_mismatch_with_its_frozen_sparse_path():
-    model, compressor = _factorized(match=0.8)
-    mixed = {n: m for n, m in model.named_modules() if isinstance(m, lrsparse.MixedRankLinear)}
-    inputs = {}
-    for name, module in mixed.items():
-        module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
-    assert all(m.match and not m.sparse_weight.requires_grad for m in mixed.values())
-    model.train()
-    loss = model(**_batch()).loss
-    layer_loss = compressor.layer_loss()
-    expected = []
-    for name, m in mixed.items():  # float64 closed form on the captured inputs
-        x = inputs[name].double()
-        low = x @ (m.U @ m.V).detach().double().t()
-        sparse = x @ m.sparse_weight.detach().double().t()
-        # A matrix pruned away entirely (and a zero bias) has no output to match: 0, not 0 / 0.
-        expected.append(((low - sparse) ** 2).sum() / ((sparse + m.bias.detach().double()) ** 2).sum().clamp_min(
-            torch.finfo(torch.float32).tiny))
-    assert sum(float(e) > 0 for e in expected) >= len(expected) // 2
-    assert float(layer_loss.detach()) == pytest.approx(0.8 * float(torch.stack(expected).mean()), rel=1e-4)
-    (loss + layer_loss).backward()
-    assert all(m.sparse_weight.grad is None and m.U.grad is not None for m in mixed.values())
-    assert compressor.layer_loss() is None  # read once per forward
-
-
-def test_layer_matching_alone_pulls_the_factors_toward_the_sparse_paths():
-    model, compressor = _factorized(match=1.0)
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        model(**_batch())
-        loss = compressor.layer_loss()
-        losses.append(float(loss.detach()))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert losses[-1] < 0.5 * losses[0]
-
-
-def test_without_matching_the_sparse_path_trains_and_no_layer_loss():
-    model, compressor = _factorized(match=0.0)
-    model(**_batch())
-    assert compressor.layer_loss() is None
-    assert all(m.sparse_weight.requires_grad for m in model.modules() if isinstance(m, lrsparse.MixedRankLinear))

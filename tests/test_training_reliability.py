@@ -55,9 +55,6 @@ def test_nonfinite_gradient_step_is_skipped_without_touching_the_weights(tmp_pat
     optimizers, hook_calls, before_forward = [], [], []
 
     class Compressor:  # records the loop's calls of compressor.step(optimizer)
-        def layer_loss(self):
-            return None
-
         def step(self, optimizer, grads_finite=False):
             hook_calls.append(1)
             if not optimizers:

@@ -8,8 +8,7 @@ Two training phases around one call::
     records = compressor.factorize(total_steps=len(loader))   # target layers -> U V beside the sparse path
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # phase 2 trains the new factors
     for batch in loader:                      # phase 2: mixed-rank fine-tuning, sparse -> low-rank
-        loss, extra = model(**batch).loss, compressor.layer_loss()  # extra: None unless mixed_rank_match > 0
-        (loss if extra is None else loss + extra).backward()
+        model(**batch).loss.backward()
         optimizer.step(); compressor.step(optimizer); optimizer.zero_grad()
     compressor.convert()                      # no-op once the schedule has dropped the sparse path
     lrsparse.save_compressed(model, "out/", config=compressor.config, records=compressor.records)
@@ -184,31 +183,9 @@ class Compressor:
             min_rank=config.min_rank, input_covariances=covariances)
         self.pruner = None  # its statistics are no longer needed
         self.phase = "mixed_rank"
-        self._set_layer_matching()
         if total_steps is not None:
             self._start_mixed_rank(total_steps)
         return self.records
-
-    def _set_layer_matching(self) -> None:
-        # mixed_rank_match: each sparse path becomes its layer's frozen teacher (its weight leaves the optimizer
-        # built after factorize(), and gets no gradient).
-        if self.config.mixed_rank_match > 0:
-            for module in self.model.modules():
-                if isinstance(module, MixedRankLinear):
-                    module.match = True
-                    module.sparse_weight.requires_grad_(False)
-
-    def layer_loss(self) -> torch.Tensor | None:
-        """The per-layer output-matching loss of the last forward (``mixed_rank_match`` times the mean over the
-        layers), to add to the training loss before ``backward()``; None when there is none."""
-        if self.phase != "mixed_rank" or self.config.mixed_rank_match <= 0:
-            return None
-        losses = []
-        for module in self.model.modules():
-            if isinstance(module, MixedRankLinear) and module.match_loss is not None:
-                losses.append(module.match_loss)
-                module.match_loss = None
-        return self.config.mixed_rank_match * torch.stack(losses).mean() if losses else None
 
     def convert(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Drops the sparse paths: every MixedRankLinear becomes its LowRankLinear (a no-op once done)."""
@@ -291,8 +268,6 @@ class Compressor:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scheduler.finalized:
                 self._converted()
-        if self.phase == "mixed_rank":
-            self._set_layer_matching()
 
 
 def prepare(model: nn.Module, config: LPAFConfig, total_steps: int | None = None,

@@ -157,10 +157,6 @@ class CompressorCallback(TrainerCallback):
         if not mixed:
             raise ValueError("model has no MixedRankLinear layer: it was converted to low rank outside the "
                              "compressor; run the mixed-rank phase right after compressor.factorize()")
-        if config.mixed_rank_match > 0:
-            raise ValueError("mixed_rank_match > 0 adds a per-layer loss term (compressor.layer_loss()) that a "
-                             "callback cannot add to Trainer's loss: train the mixed-rank phase with "
-                             "mixed_rank_match=0 under Trainer, or in your own loop (or the lrsparse CLI)")
         trained = _optimizer_parameter_ids(optimizer)
         for name, module in mixed.items():
             if id(module.U) not in trained or id(module.V) not in trained:

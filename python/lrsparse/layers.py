@@ -108,9 +108,6 @@ class MixedRankLinear(nn.Module):
     a dense weight): the gradient of ``Ws`` is zero where the mask is 0, so pruned entries stay zero.
     ``strategy``: "blend" uses ``alpha`` as is; "stochastic" uses ``alpha_eff`` = 1 with probability alpha, else 0,
     drawn per forward in training (alpha itself in eval); "none" always uses the low-rank path only.
-    With ``match`` (set by the compressor for ``mixed_rank_match``) the sparse path is a frozen teacher: in training
-    each forward also leaves ``match_loss``, ``||y_lowrank - y_sparse||^2 / ||y_sparse||^2`` on that input, and the
-    blend passes gradients to the input through both paths but to ``Ws`` through neither.
     """
 
     def __init__(
@@ -140,8 +137,6 @@ class MixedRankLinear(nn.Module):
         self.register_buffer("sparse_mask", None if sparse_mask is None else sparse_mask.bool())
         self.alpha = 0.0
         self.strategy = "blend"
-        self.match = False
-        self.match_loss: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -157,16 +152,8 @@ class MixedRankLinear(nn.Module):
         return float(self.alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        alpha = self.effective_alpha()
-        if not (self.match and self.training):
-            return ops.mixed_rank_linear(x, self.U, self.V, self.bias, self.sparse_weight, self.sparse_mask, alpha)
-        low_rank = ops.mixed_rank_linear(x, self.U, self.V, self.bias)
-        sparse = ops.mixed_rank_linear(x, self.U, self.V, self.bias, self.sparse_weight.detach(), self.sparse_mask,
-                                       0.0)
-        target = sparse.detach().float()
-        self.match_loss = (low_rank.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(
-            torch.finfo(torch.float32).tiny)
-        return low_rank if alpha == 1.0 else alpha * low_rank + (1.0 - alpha) * sparse
+        return ops.mixed_rank_linear(x, self.U, self.V, self.bias, self.sparse_weight, self.sparse_mask,
+                                     self.effective_alpha())
 
     def to_low_rank(self) -> LowRankLinear:
         """The low-rank layer alone, sharing this layer's U, V and bias Parameter objects."""

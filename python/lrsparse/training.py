@@ -174,9 +174,6 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
             batch = _to_device(next(batches), device)
             with autocast(config.precision, device):
                 loss = model(**batch).loss if distiller is None else distiller(model, batch)
-                layer_loss = None if compressor is None else compressor.layer_loss()  # mixed_rank_match
-                if layer_loss is not None:
-                    loss = loss + layer_loss
             if not torch.isfinite(loss):
                 counters["skipped_steps"] += 1
                 log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))
