@@ -1,4 +1,4 @@
-"""Command line: ``lrsparse compress | evaluate | inspect | export``."""
+"""Command line: ``lrsparse compress | evaluate | predict | inspect | export``."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from lrsparse.checkpoint import CheckpointError
 from lrsparse.config import PRESETS, LPAFConfig, registry_choices
 from lrsparse.export import FORMATS, describe, export_compressed
 from lrsparse.factorization import FactorizationError
 from lrsparse.pipeline import evaluate_saved, run_compression
+from lrsparse.predict import run_model_dir
 from lrsparse.recipe import RecipeConfig
 from lrsparse.report import format_report, load_report, plot_report
 
@@ -30,7 +32,7 @@ _SCALARS = {"int": int, "float": float, "str": str}
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_defaults: dict | None = None,
-                            only: tuple[str, ...] | None = None) -> None:
+                            only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of dataclass ``cls`` (or of the fields named in ``only``), from its annotation and
     metadata (help, choices or the registry whose names are the choices, flag name, required), as transformers'
     HfArgumentParser does; the parsed value lands under the field's name.
@@ -39,7 +41,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, preset_default
     values the help shows."""
     for spec in dataclasses.fields(cls):
         meta = spec.metadata
-        if meta.get("cli") is False or (only is not None and spec.name not in only):
+        if meta.get("cli") is False or (only is not None and spec.name not in only) or spec.name in skip:
             continue
         flag = "--" + (meta.get("cli") or spec.name).replace("_", "-")
         annotation = str(spec.type).replace(" ", "")
@@ -72,19 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for a GLUE task "
-                                   "or SQuAD, or distill a sentence-embedding model (--task embedding)")
-    add_dataclass_arguments(compress.add_argument_group("recipe"), RecipeConfig)
+    compress = commands.add_parser("compress", help="fine-tune, prune, factorize and save a model for your own "
+                                   "labelled text (--train-file / --dataset), a GLUE task or SQuAD, or distill a "
+                                   "sentence-embedding model (--task embedding)")
+    add_dataclass_arguments(compress.add_argument_group("recipe"), RecipeConfig, skip=RecipeConfig.OWN_DATA)
+    add_dataclass_arguments(compress.add_argument_group("your own data (classification or regression)"),
+                            RecipeConfig, only=RecipeConfig.OWN_DATA)
     lpaf_defaults = dataclasses.asdict(PRESETS["lpaf"])
     add_dataclass_arguments(compress.add_argument_group("method (override the --method preset)"), LPAFConfig,
                             preset_defaults={k: v for k, v in lpaf_defaults.items() if k != "keep"})
     compress.add_argument("--no-inspect", action="store_true", help="do not print the report table at the end")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on a GLUE or SQuAD dev split "
-                                   "(task embedding: STS-B dev, cosine similarity)")
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved compressed model on its run's dev set, your "
+                                   "own labelled file (--validation-file), or a GLUE or SQuAD dev split (task "
+                                   "embedding: STS-B dev, cosine similarity)")
     evaluate.add_argument("--model", required=True, help="folder written by `lrsparse compress` (its model/ folder "
                           "or the run folder)")
-    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--task", default=None, help="default: the task the model was compressed for")
+    evaluate.add_argument("--validation-file", default=None,
+                          help="your own labelled file (CSV, TSV, JSON lines, Parquet), with the run's columns")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--max-eval-samples", type=_positive_int, default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=64)
@@ -100,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--allow-random-head", action="store_true",
                           help="score a plain checkpoint that has no trained head for the task (a random head)")
+
+    predict = commands.add_parser("predict", help="apply a classifier or regressor to new text: one prediction "
+                                  "(label name and probabilities, or the value) per input row")
+    predict.add_argument("model", help="run folder, its model/ folder, a `lrsparse export --format pytorch` folder or "
+                         "any transformers sequence-classification folder")
+    predict.add_argument("--input", required=True, help="CSV, TSV, JSON lines or Parquet file, or - for standard "
+                         "input (JSON lines or CSV)")
+    predict.add_argument("--output", required=True, help="output .jsonl or .csv (by extension), or - for standard "
+                         "output (JSON lines)")
+    predict.add_argument("--text-columns", nargs="+", default=None,
+                         help="one text column or two for a pair (default: the run's, else sentence1 sentence2, "
+                         "sentence or text)")
+    predict.add_argument("--batch-size", type=_positive_int, default=64)
+    predict.add_argument("--max-seq-len", type=_positive_int, default=None, help="default: the compression run's")
+    predict.add_argument("--device", default="auto")
+    add_dataclass_arguments(predict, RecipeConfig, only=("precision",))
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     inspect = commands.add_parser("inspect", help="print the report of a run as tables")
     inspect.add_argument("run", help="run folder (or its report.json)")
@@ -132,31 +157,51 @@ def config_from_args(args: argparse.Namespace):
     return RecipeConfig.create(keep=keep, **recipe, **overrides)
 
 
+def _resume_own_data(args) -> None:
+    """``--resume`` without the data flags continues with the data the checkpoint was made with."""
+    from lrsparse.checkpoint import CheckpointStore
+
+    given = args.task is not None or any(getattr(args, name) not in (None, RecipeConfig.__dataclass_fields__[name]
+                                                                     .default) for name in RecipeConfig.OWN_DATA)
+    store = CheckpointStore(Path(args.output_dir))
+    if not args.resume or given or not store.exists():
+        return
+    saved = store.read_manifest()["config"]
+    if "data" in saved:
+        for name in RecipeConfig.OWN_DATA:
+            setattr(args, name, saved["data"][name])
+    else:
+        args.task = saved.get("task")
+
+
 def _compress(args) -> int:
+    _resume_own_data(args)
     report = run_compression(config_from_args(args))
     if not args.no_inspect:
         print(format_report(report))
     return 0
 
 
-def _model_dir(path: str):
-    from pathlib import Path
-
-    model_dir = Path(path)
-    if (model_dir / "report.json").is_file() and (model_dir / "model").is_dir():
-        return model_dir / "model"  # a run folder
-    return model_dir
-
-
 def _evaluate(args) -> int:
-    model_dir = _model_dir(args.model)
+    model_dir = run_model_dir(args.model)
     metrics = evaluate_saved(model_dir, args.task, args.data_dir, args.max_eval_samples, args.batch_size,
                              args.max_seq_len, args.device, args.seed, args.doc_stride, args.allow_random_head,
-                             args.precision)
+                             args.precision, validation_file=args.validation_file)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.task} dev ({model_dir}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        where = args.validation_file or f"{args.task or 'the run'}'s dev set"
+        print(f"{where} ({model_dir}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _predict(args) -> int:
+    from lrsparse.predict import predict_file  # noqa: PLC0415 (tqdm and the readers only for this command)
+
+    rows = predict_file(args.model, args.input, args.output, args.text_columns, args.batch_size, args.max_seq_len,
+                        args.device, args.precision, progress=not args.no_progress)
+    print(f"wrote {rows} prediction(s) to {'standard output' if args.output == '-' else args.output}",
+          file=sys.stderr)
     return 0
 
 
@@ -169,7 +214,7 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
-    print(describe(export_compressed(_model_dir(args.model), args.format, args.out, int8=args.int8)))
+    print(describe(export_compressed(run_model_dir(args.model), args.format, args.out, int8=args.int8)))
     return 0
 
 
@@ -179,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
 
-    handlers = {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect, "export": _export}
+    handlers = {"compress": _compress, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect,
+                "export": _export}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error

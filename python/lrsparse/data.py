@@ -38,7 +38,8 @@ class GlueTask:
     """How one GLUE task is stored locally and on the hub, and how it is scored.
 
     ``text_columns`` / ``label_column`` are header names of the local TSV, or integer column indices when the file
-    has no header (CoLA). ``label_values`` lists the label strings of a classification task in class-id order;
+    has no header (CoLA). ``label_values`` lists the label strings of a classification task in class-id order
+    (``label_names`` their names, as the hub's "glue" dataset gives them, where the files hold 0 / 1);
     regression tasks (``num_labels == 1``) instead accept plain decimal numbers in ``label_range``. Every row of a
     file with a header has as many columns as the header; ``num_columns`` is that count for a file without one.
     """
@@ -53,6 +54,7 @@ class GlueTask:
     has_header: bool = True
     num_columns: int | None = None
     label_values: tuple[str, ...] = ("0", "1")
+    label_names: tuple[str, ...] | None = None  # the classes' names (the model's id2label) where the files use ids
     label_range: tuple[float, float] | None = None
     split_files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
     hub_text_fields: tuple[str, ...] = ("sentence1", "sentence2")
@@ -73,10 +75,12 @@ _NLI_LABELS = ("entailment", "not_entailment")
 GLUE_TASKS: dict[str, GlueTask] = {
     task.name: task
     for task in (
-        GlueTask("sst2", "SST-2", ("sentence",), "label", 2, ("accuracy",), "accuracy", hub_text_fields=("sentence",)),
-        GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1"), "f1"),
+        GlueTask("sst2", "SST-2", ("sentence",), "label", 2, ("accuracy",), "accuracy", hub_text_fields=("sentence",),
+                 label_names=("negative", "positive")),
+        GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1"), "f1",
+                 label_names=("not_equivalent", "equivalent")),
         GlueTask("cola", "CoLA", (3,), 1, 2, ("matthews_corr",), "matthews_corr", has_header=False, num_columns=4,
-                 hub_text_fields=("sentence",)),
+                 hub_text_fields=("sentence",), label_names=("unacceptable", "acceptable")),
         GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", 1, ("pearson", "spearman"), "pearson",
                  label_values=(), label_range=(0.0, 5.0)),
         GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", 2, ("accuracy",), "accuracy",
@@ -89,8 +93,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
                  hub_text_fields=("premise", "hypothesis"),
                  hub_splits={"train": "train", "dev": "validation_matched"}),
         GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", 2, ("accuracy", "f1"), "f1",
-                 hub_text_fields=("question1", "question2")),
-        GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", 2, ("accuracy",), "accuracy"),
+                 hub_text_fields=("question1", "question2"), label_names=("not_duplicate", "duplicate")),
+        GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", 2, ("accuracy",), "accuracy",
+                 label_names=("not_entailment", "entailment")),
     )
 }
 

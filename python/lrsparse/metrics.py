@@ -19,7 +19,7 @@ import torch
 
 from lrsparse.data import get_task
 
-__all__ = ["accuracy", "f1_score", "matthews_corr", "pearson", "spearman", "compute_metrics", "predictions_from_logits",
+__all__ = ["accuracy", "f1_score", "macro_f1", "matthews_corr", "pearson", "spearman", "compute_metrics", "predictions_from_logits",
            "normalize_answer", "squad_exact_match", "squad_f1", "squad_metrics"]
 
 
@@ -53,6 +53,14 @@ def f1_score(predictions, labels, positive: int = 1) -> float:
     fn = int(((pred != positive) & (gold == positive)).sum())
     denominator = 2 * tp + fp + fn
     return 0.0 if denominator == 0 else 2.0 * tp / denominator
+
+
+def macro_f1(predictions, labels) -> float:
+    """Unweighted mean over the classes present in ``labels`` or ``predictions`` of each class's one-vs-rest F1
+    (scikit-learn's ``f1_score(average="macro")``)."""
+    pred, gold = _pair(predictions, labels, torch.long)
+    classes = torch.unique(torch.cat([pred, gold])).tolist()
+    return sum(f1_score(pred, gold, positive=c) for c in classes) / len(classes)
 
 
 def matthews_corr(predictions, labels) -> float:
@@ -105,15 +113,21 @@ def spearman(predictions, labels) -> float:
 _METRICS = {
     "accuracy": accuracy,
     "f1": f1_score,
+    "macro_f1": macro_f1,
     "matthews_corr": matthews_corr,
     "pearson": pearson,
     "spearman": spearman,
 }
 
 
-def predictions_from_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
+def _spec(task):
+    """A GLUE task's spec by name, or a spec object itself (lrsparse.owndata.LabelSpace for the user's labels)."""
+    return get_task(task) if isinstance(task, str) else task
+
+
+def predictions_from_logits(task, logits: torch.Tensor) -> torch.Tensor:
     """Class ids (argmax) for classification tasks, the single output for regression tasks."""
-    spec = get_task(task)
+    spec = _spec(task)
     logits = torch.as_tensor(logits)
     if spec.is_regression:
         if logits.dim() > 2 or (logits.dim() == 2 and logits.shape[1] != 1):
@@ -124,13 +138,13 @@ def predictions_from_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def compute_metrics(task: str, predictions: Sequence | torch.Tensor, labels: Sequence | torch.Tensor) -> dict:
+def compute_metrics(task, predictions: Sequence | torch.Tensor, labels: Sequence | torch.Tensor) -> dict:
     """The official metrics of ``task`` plus ``"main"`` (the task's headline metric), all as floats in [-1, 1].
 
     ``predictions`` are class ids (or a 2-D logits array, which is argmaxed) for classification and scores for
-    regression.
+    regression. ``task`` is a GLUE task name or a spec (:class:`lrsparse.owndata.LabelSpace`).
     """
-    spec = get_task(task)
+    spec = _spec(task)
     predictions = torch.as_tensor(predictions)
     if predictions.dim() == 2:
         predictions = predictions_from_logits(task, predictions)

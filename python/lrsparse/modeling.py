@@ -132,10 +132,13 @@ def check_tokenizer_fits(tokenizer, model_config, max_seq_len: int, model: str) 
 
 def load_task_model(source: str, task: GlueTask | Task, keep_head: bool) -> nn.Module:
     """Loads ``source`` as a float32 model with ``task``'s head; the head is new unless ``keep_head``."""
+    from lrsparse.embedding import transformer_folder
+
     task = resolve_task(task)
     quiet_transformers()
     kwargs = {} if keep_head else {**task.head_config(), "ignore_mismatched_sizes": True}
-    return task.auto_model_class().from_pretrained(source, dtype=torch.float32, **kwargs)
+    # A sentence-transformers folder keeps its encoder in the Transformer module's folder (e.g. 0_Transformer/).
+    return task.auto_model_class().from_pretrained(transformer_folder(source), dtype=torch.float32, **kwargs)
 
 
 def _embedding_parameter_ids(model: nn.Module) -> set[int]:

@@ -48,7 +48,8 @@ from lrsparse.modeling import (check_precision, check_tokenizer_fits, count_para
 from lrsparse.recipe import RecipeConfig
 from lrsparse.records import LayerRecord, rebuild_layers, records_of
 from lrsparse.report import build_report, plot_report
-from lrsparse.tasks import resolve_task
+from lrsparse.owndata import TEXT_TASK, DataSpec, LabelSpace, read_labelled_file, subset
+from lrsparse.tasks import TextFilesTask, resolve_task
 from lrsparse.training import evaluate, low_rank_only, seed_stage, steps_for, train
 
 log = logging.getLogger("lrsparse.pipeline")
@@ -77,7 +78,7 @@ class CompressionRun:
         self.config = config
         self.lpaf = config.lpaf
         self.writer = None  # TensorBoard, opened by run() when config.tensorboard_dir is set
-        self.task = resolve_task(config.task, config.train_text)
+        self.task = resolve_task(config.task, config.train_text, config.data_spec())
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
         self.device = resolve_device(config.device)
@@ -86,6 +87,7 @@ class CompressionRun:
         # Data errors surface here, before the model is touched.
         self.train_examples = self.task.load("train", config.data_dir, config.max_train_samples, config.seed)
         self.eval_examples = self.task.load("dev", config.data_dir, config.max_eval_samples, config.seed)
+        self.data_description = self._describe_data()
         self.model_config = load_model_config(config.model)
         self.head_trained = self.task.has_trained_head(self.model_config)
         self.run_dense = config.dense_finetune == "force" or (config.dense_finetune == "auto"
@@ -99,6 +101,22 @@ class CompressionRun:
                         self.task.name)
         self._set_steps(len(self.train_examples))
         self._teachers: dict[str, nn.Module] = {}
+
+    def _describe_data(self) -> dict | None:
+        """Where the user's own examples came from and what their labels are (for the log and the report)."""
+        spec = self.config.data_spec()
+        if spec is None:
+            return None
+        labels = self.task.spec
+        description = {"train": self.train_examples.source, "dev": self.eval_examples.source,
+                       "problem_type": labels.problem_type, "labels": list(labels.label_values),
+                       "main_metric": labels.main_metric, "holdout": spec.describe_holdout()}
+        log.info("data: %d train examples from %s, %d dev examples from %s; %s", len(self.train_examples),
+                 description["train"], len(self.eval_examples), description["dev"],
+                 "a regression" if labels.is_regression else f"classes {description['labels']}")
+        if description["holdout"]:
+            log.info("%s", description["holdout"])
+        return description
 
     def _set_steps(self, train_size: int) -> None:
         config = self.config
@@ -394,8 +412,11 @@ class CompressionRun:
         report["checkpoint_bytes"] = save_compressed(
             state.model.cpu(), model_dir, tokenizer=self.tokenizer, config=self.lpaf, records=records,
             extra={"task": self.task.name, "method": self.config.method,
-                   **{name: getattr(self.config, name) for name in EVALUATION_SETTINGS}})
+                   **{name: getattr(self.config, name) for name in EVALUATION_SETTINGS},
+                   **({} if self.config.data_spec() is None else {"data": self.config.data_spec().to_dict()})})
         report["run_seconds"] = seconds
+        if self.data_description is not None:
+            report["data"] = self.data_description
         if not is_main_process():  # rank 0 writes the report and the manifest
             return report
         atomic_write_json(self.output_dir / "report.json", report)
@@ -427,12 +448,14 @@ def run_compression(config: RecipeConfig) -> dict:
 EVALUATION_SETTINGS = ("max_seq_len", "doc_stride", "seed")
 
 
-def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None = None,
+def evaluate_saved(model_dir: str | os.PathLike, task: str | None = None, data_dir: str | None = None,
                    max_eval_samples: int | None = None, batch_size: int = 64, max_seq_len: int | None = None,
                    device: str = "auto", seed: int | None = None, doc_stride: int | None = None,
-                   allow_random_head: bool = False, precision: str = "fp32") -> dict:
+                   allow_random_head: bool = False, precision: str = "fp32",
+                   validation_file: str | os.PathLike | None = None) -> dict:
     """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
-    split of ``task``.
+    split of ``task`` (None: the task the model was compressed for), or for a model of your own labelled data on its
+    run's dev set or on ``validation_file`` (read with the run's columns, scored in the model's labels).
 
     A plain folder without the task's trained head (e.g. a pre-trained encoder) is an error: its head would be
     randomly initialized and the score meaningless, unless ``allow_random_head``.
@@ -442,8 +465,6 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     """
     from transformers import AutoTokenizer
 
-
-    spec = resolve_task(task)
     target_device = resolve_device(device)
     check_precision(precision, target_device)
     model_dir = Path(model_dir)
@@ -452,16 +473,34 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str, data_dir: str | None
     compressed = (model_dir / LAYERS_FILE).is_file()
     _refuse_export(model_dir)
     saved = saved_extra(model_dir) if compressed else {}
+    if task is None:
+        task = saved.get("task")
+        if task is None:
+            raise ValueError(f"{model_dir} does not say which task it was trained for: pass --task")
+    if task == TEXT_TASK and "data" not in saved:
+        raise ValueError(f"task {TEXT_TASK}: {model_dir} was not saved by a run on your own data (no data spec)")
+    spec = resolve_task(task, data=DataSpec.from_dict(saved["data"]) if task == TEXT_TASK else None)
     if saved.get("task") not in (None, spec.name):
         raise ValueError(f"task {spec.name!r} differs from the task {saved['task']!r} the model in {model_dir} was "
                          f"compressed for: pass --task {saved['task']}")
+    if validation_file is not None and spec.name != TEXT_TASK:
+        raise ValueError(f"validation_file (--validation-file) scores a model trained on your own data; task "
+                         f"{spec.name!r} reads its dev split from --data-dir")
     if max_seq_len is None:
         max_seq_len = saved.get("max_seq_len", 128)
     if doc_stride is None:
         doc_stride = saved.get("doc_stride")
     if seed is None:
         seed = saved.get("seed", 0)
-    examples = spec.load("dev", data_dir, max_eval_samples, seed)
+    if spec.name == TEXT_TASK:
+        from transformers import AutoConfig
+
+        spec = TextFilesTask(spec.data, LabelSpace.from_model_config(AutoConfig.from_pretrained(model_dir),
+                                                                     spec.data.metric))
+        examples = (subset(read_labelled_file(validation_file, spec.data, spec.spec), max_eval_samples, seed)
+                    if validation_file is not None else spec.load("dev", None, max_eval_samples, seed))
+    else:
+        examples = spec.load("dev", data_dir, max_eval_samples, seed)
     quiet_transformers()
     if compressed:
         model = load_compressed(model_dir)

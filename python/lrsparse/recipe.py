@@ -13,6 +13,7 @@ from typing import Any
 
 from lrsparse.config import PRESETS, LPAFConfig, _is_number, option
 from lrsparse.modeling import check_precision, default_model, resolve_device
+from lrsparse.owndata import CLASS_METRICS, PROBLEM_TYPES, REGRESSION_METRICS, TEXT_TASK, DataSpec
 from lrsparse.tasks import TASK_NAMES, resolve_task
 
 DENSE_FINETUNE_MODES = ("auto", "force", "skip")
@@ -26,9 +27,10 @@ class RecipeConfig:
     """Everything that determines a compression run besides the method (all but the runtime group must match to
     --resume)."""
 
-    task: str = option(help=f"GLUE task, squad, or embedding (a sentence-transformers model, distilled on "
-                       f"--train-text, scored on STS-B dev): {', '.join(TASK_NAMES)}", required=True)
     output_dir: str = option(help="run folder (checkpoint/, model/, report.json)", cli="output", required=True)
+    task: str | None = option(None, f"GLUE task, squad, embedding (a sentence-transformers model, distilled on "
+                              f"--train-text, scored on STS-B dev), or {TEXT_TASK} (your own labelled text: implied "
+                              f"by --train-file or --dataset): {', '.join(TASK_NAMES)}")
     method: str = option("lpaf", "preset of the method (lrsparse.PRESETS); the method's own flags override it",
                          choices=list(PRESETS))
     lpaf: LPAFConfig | None = option(None, "the method's options (default: the preset named by method)", cli=False)
@@ -36,6 +38,24 @@ class RecipeConfig:
     data_dir: str | None = option(None, "folder with <TASK>/{train,dev}.tsv in the GLUE layout, or for squad the "
                                   "official dev-v1.1.json (+ train-v1.1.json; without it the dev articles are split "
                                   "80/20) (default: the hub)")
+    train_file: str | None = option(None, "your own training data: a CSV, TSV, JSON / JSON lines or Parquet file "
+                                    "(by extension) or a folder written by datasets' save_to_disk", group="data")
+    validation_file: str | None = option(None, "your own dev data, same format and columns (default: a seeded "
+                                         "hold-out of the training data, see --validation-split)", group="data")
+    dataset: str | None = option(None, "your own data through datasets.load_dataset(NAME) (a hub name, or a local "
+                                 "path: works offline); its validation split is the dev set when it has one",
+                                 group="data")
+    dataset_config: str | None = option(None, "the configuration name of --dataset", group="data")
+    text_columns: list[str] | None = option(None, "one text column, or two for a text pair (default: sentence1 "
+                                            "sentence2, sentence or text, whichever the data has)", group="data")
+    label_column: str = option("label", "the label column: class names or integers (classes), or numbers (a "
+                               "regression)", group="data")
+    problem_type: str = option("auto", "auto: strings and integers are classes, decimals a regression",
+                               choices=list(PROBLEM_TYPES), group="data")
+    metric: str | None = option(None, "the main metric of your own data (default: accuracy, or pearson for a "
+                                "regression)", choices=[*CLASS_METRICS, *REGRESSION_METRICS], group="data")
+    validation_split: float = option(0.1, "fraction of the training data held out as the dev set when there is "
+                                     "no --validation-file (the same rows for every --seed)", group="data")
     train_text: str | None = option(None, "task embedding: the unlabelled training sentences, a UTF-8 text file with "
                                     "one per line, or glue:TASK for the sentences of a GLUE task's train split "
                                     "(from --data-dir)")
@@ -85,10 +105,14 @@ class RecipeConfig:
     tensorboard_dir: str | None = option(None, "write TensorBoard scalars (loss, density, alpha, dev metrics) to DIR",
                                          cli="tensorboard")
 
+    OWN_DATA = ("train_file", "validation_file", "dataset", "dataset_config", "text_columns", "label_column",
+                "problem_type", "metric", "validation_split")
     RESUME_FREE = ("device", "threads", "resume", "overwrite", "output_dir", "checkpoint_every", "nonfinite_grads",
                    "tensorboard_dir")
 
     def __post_init__(self) -> None:
+        if self.task is None and (self.train_file is not None or self.dataset is not None):
+            self.task = TEXT_TASK
         if self.method not in PRESETS:
             raise ValueError(f"method must be one of {list(PRESETS)}, got {self.method!r}")
         if self.lpaf is None:
@@ -108,6 +132,14 @@ class RecipeConfig:
         lpaf = PRESETS[method].replace(keep=keep, **overrides)
         return cls(task=task, output_dir=output_dir, method=method, lpaf=lpaf, **options)
 
+    def data_spec(self) -> DataSpec | None:
+        """How the user's own data is read (None for a GLUE task, squad or embedding)."""
+        if self.task != TEXT_TASK:
+            return None
+        values = {name: getattr(self, name) for name in self.OWN_DATA}
+        values["text_columns"] = None if self.text_columns is None else tuple(self.text_columns)
+        return DataSpec(**values)
+
     @property
     def keep(self) -> float:
         return self.lpaf.keep
@@ -118,7 +150,7 @@ class RecipeConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad option (cheap checks only: no files, no model)."""
-        for name in ("task", "output_dir", "model", "method", "device"):
+        for name in ("output_dir", "model", "method", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         for name in ("data_dir", "tensorboard_dir", "train_text"):
@@ -134,7 +166,8 @@ class RecipeConfig:
         for name in ("dense_epochs", "prune_epochs", "mixed_epochs"):
             if getattr(self, name) is not None and not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
-        task = resolve_task(self.task, self.train_text)
+        self._validate_own_data()
+        task = resolve_task(self.task, self.train_text, self.data_spec())
         self._validate_for_task(task)
         for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES),
                               ("precision", PRECISIONS), ("distill_teacher", DISTILL_TEACHERS)):
@@ -192,6 +225,25 @@ class RecipeConfig:
 
             summary_writer_class(self.tensorboard_dir)
 
+    def _validate_own_data(self) -> None:
+        if self.task is None:
+            raise ValueError(f"task is required: one of {', '.join(TASK_NAMES)} (--task), or your own data through "
+                             "--train-file FILE or --dataset NAME")
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"task must be a non-empty string, got {self.task!r}")
+        if self.task == TEXT_TASK:
+            if self.train_file is None and self.dataset is None:
+                raise ValueError(f"task {TEXT_TASK} reads your own data: pass --train-file FILE or --dataset NAME")
+            if self.data_dir is not None:
+                raise ValueError("data_dir (--data-dir) is the GLUE / SQuAD folder; your own data comes from "
+                                 "--train-file / --validation-file or --dataset")
+            return
+        given = [name for name in self.OWN_DATA
+                 if getattr(self, name) != RecipeConfig.__dataclass_fields__[name].default]
+        if given:
+            raise ValueError(f"{', '.join(given)} read your own data, which task {self.task!r} does not take: leave "
+                             f"--task out (it becomes {TEXT_TASK})")
+
     def _validate_for_task(self, task) -> None:
         if task.kind != "embedding":
             if self.train_text is not None:
@@ -212,7 +264,9 @@ class RecipeConfig:
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (compared on --resume), per-stage epochs resolved."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in self.RESUME_FREE and f.name != "lpaf"}
+                  if f.name not in self.RESUME_FREE and f.name not in self.OWN_DATA and f.name != "lpaf"}
+        if self.data_spec() is not None:  # only then: checkpoints of the other tasks keep their identity
+            values["data"] = self.data_spec().to_dict()
         for stage, name in (("dense", "dense_epochs"), ("prune", "prune_epochs"), ("mixed_rank", "mixed_epochs")):
             values[name] = self.stage_epochs(stage)
         values.pop("epochs")
@@ -223,7 +277,7 @@ class RecipeConfig:
     def distills(self) -> bool:
         """Whether the training stages distill from a frozen teacher (always for task embedding: its only signal)."""
         return (self.distill_weight > 0 or self.distill_hidden_weight > 0
-                or resolve_task(self.task, self.train_text).kind == "embedding")
+                or resolve_task(self.task, self.train_text, self.data_spec()).kind == "embedding")
 
     def stage_names(self) -> list[str]:
         names = ["dense", "prune" if self.lpaf.prunes else "finetune"]

@@ -45,6 +45,16 @@ TARGET_PATTERNS: dict[str, list[str]] = {
         r"(^|\.)encoder\.layer\.\d+\.intermediate\.dense$",
         r"(^|\.)encoder\.layer\.\d+\.output\.dense$",
     ],
+    "mpnet": [
+        r"(^|\.)encoder\.layer\.\d+\.attention\.attn\.(q|k|v|o)$",
+        r"(^|\.)encoder\.layer\.\d+\.intermediate\.dense$",
+        r"(^|\.)encoder\.layer\.\d+\.output\.dense$",
+    ],
+    # ModernBERT fuses q, k, v into Wqkv and its GLU's input and gate into mlp.Wi.
+    "modernbert": [
+        r"(^|\.)layers\.\d+\.attn\.(Wqkv|Wo)$",
+        r"(^|\.)layers\.\d+\.mlp\.(Wi|Wo)$",
+    ],
     # GPT-2 blocks are transformer.h.N; its layers are Conv1D (see module docstring).
     "gpt2": [
         r"(^|\.)h\.\d+\.attn\.(c_attn|c_proj)$",
@@ -97,17 +107,22 @@ def out_in_weight(module: nn.Module, tensor: Tensor | None = None) -> Tensor | N
     return tensor.t()
 
 
+def _linear_names(model: nn.Module, most: int = 12) -> str:
+    """The model's linear layer names, the first ``most`` and a count: what a user needs to write a pattern."""
+    names = [name for name, module in model.named_modules() if is_target_layer(module)]
+    shown = ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+    return shown or "none"
+
+
 def default_patterns(model: nn.Module) -> list[str]:
     """The TARGET_PATTERNS entry for ``model.config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise ValueError(
-            "model has no config.model_type: pass `patterns` (regexes over nn.Linear module names) explicitly"
-        )
     if model_type not in TARGET_PATTERNS:
+        known = "no config.model_type" if model_type is None else f"no default targets for model_type {model_type!r}"
         raise ValueError(
-            f"no default target patterns for model_type {model_type!r} (known: {sorted(TARGET_PATTERNS)}): "
-            "pass `patterns` explicitly"
+            f"{known} (known: {', '.join(sorted(TARGET_PATTERNS))}): pass --targets (LPAFConfig.targets, or "
+            "`targets=` in Python) with regexes over the names of the linear layers to compress, e.g. the blocks' "
+            f"attention and feed-forward layers; the model's linear layers are: {_linear_names(model)}"
         )
     return TARGET_PATTERNS[model_type]
 

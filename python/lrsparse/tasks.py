@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from lrsparse.data import GLUE_TASKS, GlueTask, TokenizedDataset, get_task, load_glue
+from lrsparse.owndata import TEXT_TASK, DataSpec, LabelSpace, read_examples, subset
 from lrsparse.squad import MIN_SEQ_LEN as _MIN_QUESTION_ANSWERING_SEQ_LEN
 
-__all__ = ["ClassificationTask", "QuestionAnsweringTask", "TASK_NAMES", "resolve_task"]
+__all__ = ["ClassificationTask", "TextFilesTask", "QuestionAnsweringTask", "TASK_NAMES", "resolve_task"]
 
-TASK_NAMES = (*GLUE_TASKS, "squad", "embedding")
+TASK_NAMES = (*GLUE_TASKS, "squad", "embedding", TEXT_TASK)
 
 
 class ClassificationTask:
@@ -56,8 +57,9 @@ class ClassificationTask:
             "problem_type": "regression" if spec.is_regression else "single_label_classification",
         }
         if not spec.is_regression:
-            kwargs["id2label"] = dict(enumerate(spec.label_values))
-            kwargs["label2id"] = {label: i for i, label in enumerate(spec.label_values)}
+            names = getattr(spec, "label_names", None) or spec.label_values
+            kwargs["id2label"] = dict(enumerate(names))
+            kwargs["label2id"] = {label: i for i, label in enumerate(names)}
         return kwargs
 
     def has_trained_head(self, model_config) -> bool:
@@ -79,7 +81,52 @@ class ClassificationTask:
         from lrsparse.metrics import compute_metrics
 
         labels = torch.stack([dataset[i]["labels"] for i in range(len(dataset))])
-        return compute_metrics(self.name, torch.cat(list(outputs["logits"])), labels)
+        return compute_metrics(self.spec, torch.cat(list(outputs["logits"])), labels)
+
+
+class TextFilesTask(ClassificationTask):
+    """The user's own labelled text (:mod:`lrsparse.owndata`): classes scored by accuracy, macro-F1 (and the positive
+    class's F1 when binary), or a regression scored by Pearson and Spearman. The label space is known once the
+    training data is read (:meth:`load`), or given for a trained model (its ``id2label``)."""
+
+    name = TEXT_TASK
+
+    def __init__(self, data: DataSpec, labels: LabelSpace | None = None):
+        self.data = data
+        self._labels = labels
+        self._splits: dict | None = None
+
+    @property
+    def spec(self) -> LabelSpace:
+        if self._labels is None:
+            raise RuntimeError("the labels of your own data are known once its training split is read (load)")
+        return self._labels
+
+    @property
+    def main_metric(self) -> str:
+        return self.spec.main_metric
+
+    def load(self, split: str, data_dir, max_samples: int | None, seed: int):
+        if self._splits is None:
+            train, dev, labels = read_examples(self.data)
+            if self._labels is not None and labels.label_values != self._labels.label_values:
+                raise ValueError(f"the training labels {list(labels.label_values)} differ from the model's "
+                                 f"{list(self._labels.label_values)}")
+            self._labels = labels
+            self._splits = {"train": train, "dev": dev}
+        if split not in self._splits:
+            raise ValueError(f"split {split!r} is not available; expected one of {sorted(self._splits)}")
+        return subset(self._splits[split], max_samples, seed)
+
+    def has_trained_head(self, model_config) -> bool:
+        """A classifier head is kept only when it predicts the same labels in the same order (names compared without
+        case), a regression head when the model is a one-output regressor."""
+        if not super().has_trained_head(model_config):
+            return False
+        if self.spec.is_regression:
+            return getattr(model_config, "problem_type", None) in (None, "regression")
+        names = [str(model_config.id2label[i]).lower() for i in range(int(model_config.num_labels))]
+        return names == [name.lower() for name in self.spec.label_values]
 
 
 class QuestionAnsweringTask:
@@ -131,13 +178,18 @@ class QuestionAnsweringTask:
         return squad_metrics(best_spans(dataset, starts, ends), dataset.examples.references())
 
 
-def resolve_task(task, train_text: str | None = None):
-    """The task object for a name (GLUE names as :func:`lrsparse.data.get_task` takes them, "squad" or "embedding"),
-    a GlueTask, or a task object (returned as is). ``train_text`` is the embedding task's training text."""
+def resolve_task(task, train_text: str | None = None, data: DataSpec | None = None):
+    """The task object for a name (GLUE names as :func:`lrsparse.data.get_task` takes them, "squad", "embedding" or
+    "text-classification"), a GlueTask, or a task object (returned as is). ``train_text`` is the embedding task's
+    training text, ``data`` where text-classification's examples come from."""
     from lrsparse.embedding import EmbeddingTask
 
     if isinstance(task, (ClassificationTask, QuestionAnsweringTask, EmbeddingTask)):
         return task
+    if task == TEXT_TASK:
+        if data is None:
+            raise ValueError(f"task {TEXT_TASK} needs your data: --train-file FILE or --dataset NAME")
+        return TextFilesTask(data)
     if isinstance(task, GlueTask):
         return ClassificationTask(task)
     if isinstance(task, str) and task.lower() == "squad":
