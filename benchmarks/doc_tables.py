@@ -233,3 +233,31 @@ def hosts_table() -> str:
         groups[key] = groups.get(key, 0) + 1
     return table(["date", "vector ISA (* inferred from the date)", "results file", "rows"],
                  [[d, i, f"`{s}`", str(n)] for (d, i, s), n in sorted(groups.items())])
+
+
+def stage_seconds(row: dict, name: str) -> float | None:
+    stage = next((s for s in row.get("stages", []) if s["name"] == name), None)
+    return stage["seconds"] if stage and stage.get("seconds") else None
+
+
+def stage_times_table() -> str:
+    """Seconds of the pruning and mixed-rank stages of the default recipe and its variants (rows that kept them)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in quality_rows():
+        if r["preset"] == "lpaf" and r["keep"] == 0.25 and on_grid_budget(r) and stage_seconds(r, "mixed_rank"):
+            groups.setdefault((r["task"], r.get("variant") or "lpaf (blend)"), []).append(r)
+
+    def span(values: list[float]) -> str:
+        low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+        return low if low == high else f"{low}-{high}"
+
+    lines = []
+    for (task, variant), runs in sorted(groups.items()):
+        first = "prune" if all(stage_seconds(r, "prune") for r in runs) else "finetune"
+        teacher = [s["teacher_seconds"] / s["seconds"] for r in runs for s in r["stages"] if s.get("teacher_seconds")]
+        lines.append([task, variant, str(len(runs)), span([stage_seconds(r, first) for r in runs]),
+                      span([stage_seconds(r, "mixed_rank") for r in runs]),
+                      f"{100 * min(teacher):.0f}-{100 * max(teacher):.0f}%" if teacher else "-",
+                      "/".join(sorted({isa(r) for r in runs}))])
+    return table(["task", "variant", "runs", "pruning (or fine-tuning) stage, s", "mixed-rank stage, s",
+                  "teacher's share of a stage", "ISA"], lines)

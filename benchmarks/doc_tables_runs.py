@@ -63,7 +63,7 @@ def embedding_table() -> str:
                      f"{torch_speed['speedup_vs_dense_pytorch']:.2f}x ({torch_speed['sentences_per_s']:.0f}/s)",
                      f"{onnx_speed['speedup_vs_dense_same_format']:.2f}x" if onnx_speed else "-",
                      f"{torch_speed['mb']:.1f} / {onnx_speed['mb']:.1f}" if onnx_speed else f"{torch_speed['mb']:.1f}"])
-    return table(["model", "seeds", "Spearman, PyTorch", "Spearman, ONNX int8", "encode() vs dense PyTorch",
+    return f"`embedding.json`, measured on: {host('embedding.json')}.\n\n" + table(["model", "seeds", "Spearman, PyTorch", "Spearman, ONNX int8", "encode() vs dense PyTorch",
                   "ONNX int8 vs dense ONNX int8", "size MB (PyTorch / int8)"], rows)
 
 
@@ -89,7 +89,7 @@ def factorizers_table(name: str) -> str:
                           if "output_error_mean" not in r)
     lines = [[f"keep {k}"] + [f"{100 * by[(k, f)]['main']:.1f} / {by[(k, f)]['output_error_mean']:.3f}"
                               if (k, f) in by else "-" for f in factorizers] for k in keeps]
-    return f"Before factorization: {reference} (MCC x 100).\n\n" + table(
+    return f"`{name}`, measured on: {host(name)}. Before factorization: {reference} (MCC x 100).\n\n" + table(
         ["dev MCC x 100 / mean per-layer output error"] + factorizers, lines)
 
 
@@ -98,7 +98,7 @@ def inference_table(name: str = "inference_cpu.json") -> str:
     rows = [[r["scenario"], r["measure"], f"{r['dense_seq_per_s']:.1f}", f"{r['compressed_seq_per_s']:.1f}",
              f"{r['speedup']:.2f}x", f"{r['speedup_min']:.2f}x-{r['speedup_max']:.2f}x"] for r in data["results"]]
     ideal = 1 / (1 - data["linear_share"] * (1 - data["results"][0]["linear_flop_ratio"]))
-    return (table(["scenario", "measure", "dense seq/s", f"keep {data['keeps'][0]} seq/s", "speedup (median)",
+    return (f"`{name}`, measured on: {host(name)}.\n\n" + table(["scenario", "measure", "dense seq/s", f"keep {data['keeps'][0]} seq/s", "speedup (median)",
                    "range over rounds"], rows)
             + f"\n\nLinears' share of the dense forward: {100 * data['linear_share']:.0f}%; their multiply-adds "
               f"at keep {data['keeps'][0]}: {100 * data['results'][0]['linear_flop_ratio']:.1f}%; the speedup if "
@@ -114,8 +114,8 @@ def training_table() -> str:
         gemm = ", ".join(f"{p} {v:.0f}" if v >= 10 else f"{p} {v:.2f}" for p, v in data["gemm_gflops"].items())
         for precision in data["settings"]["precisions"]:
             cells = [f"{steps[f'{stage}/{precision}']:.3f}" for stage in ("dense", "prune", "mixed_rank", "low_rank")]
-            rows.append([f"`{name}`", precision, *cells, gemm])
-    return table(["results file", "precision", "dense s/step", "pruning s/step", "mixed-rank s/step",
+            rows.append([f"`{name}`", short_host(name), precision, *cells, gemm])
+    return table(["results file", "host, date", "precision", "dense s/step", "pruning s/step", "mixed-rank s/step",
                   "low-rank model s/step", "GEMM GFLOP/s (same run)"], rows)
 
 
@@ -126,8 +126,8 @@ def ops_table(name: str = "ops_cpu.json") -> str:
         compiled = f"{r['compiled_ms']:.2f}" if r.get("compiled_ms") else "-"
         rows.append([f"`{r['op']}`", r["case"], f"{r['lrsparse_ms']:.2f}", f"{r['eager_ms']:.2f}",
                      f"{r['eager_ms'] / r['lrsparse_ms']:.2f}x", compiled, f"{r['bound_ms']:.2f}"])
-    return (f"Copy bandwidth {data['bandwidth_gbps']:.1f} GB/s and GEMM {data['gemm_gflops']:.0f} GFLOP/s, measured "
-            f"in the same run.\n\n" + table(["op", "case", "lrsparse ms", "reference ms", "reference / lrsparse",
+    return (f"`{name}`, measured on: {host(name)}; copy bandwidth {data['bandwidth_gbps']:.1f} GB/s and GEMM "
+            f"{data['gemm_gflops']:.0f} GFLOP/s, measured in the same run.\n\n" + table(["op", "case", "lrsparse ms", "reference ms", "reference / lrsparse",
                                              "torch.compile ms", "bound ms"], rows))
 
 

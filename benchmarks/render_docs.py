@@ -37,6 +37,7 @@ RENDERERS = {
     "converged-table": quality.converged_table,
     "targets-table": quality.targets_table,
     "quality-hosts-table": quality.hosts_table,
+    "stage-times-table": quality.stage_times_table,
     "glance-table": runs.glance_table,
     "machines-table": runs.machines_table,
     "embedding-table": runs.embedding_table,
