@@ -261,3 +261,31 @@ def stage_times_table() -> str:
                       "/".join(sorted({isa(r) for r in runs}))])
     return table(["task", "variant", "runs", "pruning (or fine-tuning) stage, s", "mixed-rank stage, s",
                   "teacher's share of a stage", "ISA"], lines)
+
+
+def stage_main(row: dict, *names: str) -> float | None:
+    stage = next((s for s in row.get("stages", []) if s["name"] in names), None)
+    return None if stage is None else stage["main"]
+
+
+def stages_table() -> str:
+    """Where each method's score goes, stage by stage, per seed (the 3-epoch grid at keep 0.25)."""
+    lines = []
+    for task in TASKS:
+        methods: dict[str, list[dict]] = {}
+        for r in quality_rows():
+            if (r["task"] == task and r["preset"] in ("lpaf", "svd", "fwsvd") and r["keep"] == 0.25
+                    and on_grid_budget(r) and r.get("variant", "") in ("", "sparsity-aware", "no-activation",
+                                                                        "no-prune")):
+                label = r["preset"] + (f"+{r['variant']}" if r.get("variant") else "") + f" ({isa(r)})"
+                methods.setdefault(label, []).append(r)
+        for label, runs in sorted(methods.items()):
+            runs.sort(key=lambda r: r["seed"])
+
+            def per_seed(*names: str) -> str:
+                values = [stage_main(r, *names) for r in runs]
+                return ", ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
+            lines.append([task, label, ", ".join(str(r["seed"]) for r in runs), per_seed("prune", "finetune"),
+                          per_seed("factorize"), per_seed("mixed_rank")])
+    return table(["task", "method (ISA)", "seeds", "pruned (lpaf) or fine-tuned 3 more epochs (svd, fwsvd, no-prune)",
+                  "right after factorization", "final"], lines)

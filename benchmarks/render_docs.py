@@ -38,6 +38,7 @@ RENDERERS = {
     "targets-table": quality.targets_table,
     "quality-hosts-table": quality.hosts_table,
     "stage-times-table": quality.stage_times_table,
+    "stages-table": quality.stages_table,
     "glance-table": runs.glance_table,
     "machines-table": runs.machines_table,
     "embedding-table": runs.embedding_table,
