@@ -21,6 +21,51 @@ from lrsparse.registry import LayerStatistics, register_factorizer
 from lrsparse.targets import linear_shape
 
 
+class CovarianceSums:
+    """Running ``sum x x^T`` (float64) and token counts of the inputs of target layers, over the real tokens."""
+
+    def __init__(self, targets: Mapping[str, nn.Module]):
+        self.targets = targets
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {name: 0 for name in targets}
+
+    def add(self, name: str, x: Tensor, mask: Tensor | None) -> None:
+        """Adds the rows of ``x`` (``... x in``) whose ``mask`` entry (the attention mask, shaped like ``x`` without
+        its last dimension) is set: padding tokens are left out, the model masks their outputs."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+            rows = rows[mask.reshape(-1).bool()]
+        rows = rows.double()
+        self.sums[name] = rows.t() @ rows + self.sums[name] if name in self.sums else rows.t() @ rows
+        self.counts[name] += rows.shape[0]
+
+    def covariances(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """``E[x x^T]`` of every target; under a process group pooled over the ranks (every rank ends with the same
+        covariances, in one collective per target, in the same order everywhere)."""
+        if is_distributed():
+            for name, module in self.targets.items():
+                features = linear_shape(module)[0]
+                local = self.sums.get(name)
+                if local is None:
+                    local = torch.zeros(features, features, dtype=torch.float64, device=device)
+                total = sum_across_ranks(torch.cat([local.reshape(-1), local.new_tensor([self.counts[name]])]))
+                self.counts[name] = int(total[-1].item())
+                self.sums[name] = total[:-1].reshape(features, features)
+        missing = [name for name, count in self.counts.items() if count == 0]
+        if missing:
+            raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "
+                             "that run through these layers")
+        return {name: self.sums[name] / self.counts[name] for name in self.targets}
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if set(state["counts"]) != set(self.targets):
+            raise ValueError("calibration state was gathered for other target layers")
+        self.sums, self.counts = dict(state["sums"]), {k: int(v) for k, v in state["counts"].items()}
+
+
 @torch.no_grad()
 def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Mapping[str, Tensor]],
                       device: torch.device | None = None, max_examples: int | None = None) -> dict[str, Tensor]:
@@ -35,20 +80,12 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
         raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     if device is None:
         device = next(model.parameters()).device
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {name: 0 for name in targets}
+    sums = CovarianceSums(targets)
     state = {"mask": None}
 
     def hook(name: str):
         def accumulate(module, args):
-            x = args[0]
-            mask = state["mask"]
-            rows = x.reshape(-1, x.shape[-1])
-            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                rows = rows[mask.reshape(-1).bool()]
-            rows = rows.double()
-            sums[name] = rows.t() @ rows + sums[name] if name in sums else rows.t() @ rows
-            counts[name] += rows.shape[0]
+            sums.add(name, args[0], state["mask"])
         return accumulate
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
@@ -59,7 +96,7 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
         for batch in batches:
             inputs = {k: v.to(device) for k, v in batch.items()
                       if k not in ("labels", "start_positions", "end_positions")}
-            size = _batch_size(inputs)
+            size = batch_size_of(inputs)
             if max_examples is not None and seen + size > max_examples:  # the last batch contributes only its head
                 inputs = {k: v[:max_examples - seen] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size
                           else v for k, v in inputs.items()}
@@ -72,23 +109,10 @@ def input_covariances(model: nn.Module, targets: Mapping[str, nn.Module], batche
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if is_distributed():
-        # Under DDP every rank must end with the same factors: each calibrates on the union of the ranks' batches,
-        # in one collective per target, in the same order everywhere.
-        for name, module in targets.items():
-            features = linear_shape(module)[0]
-            local = sums.get(name, torch.zeros(features, features, dtype=torch.float64, device=device))
-            total = sum_across_ranks(torch.cat([local.reshape(-1), local.new_tensor([counts[name]])]))
-            counts[name] = int(total[-1].item())
-            sums[name] = total[:-1].reshape(features, features)
-    missing = [name for name, count in counts.items() if count == 0]
-    if missing:
-        raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "
-                         "that run through these layers")
-    return {name: sums[name] / counts[name] for name in targets}
+    return sums.covariances(device)
 
 
-def _batch_size(inputs: Mapping[str, Tensor]) -> int:
+def batch_size_of(inputs: Mapping[str, Tensor]) -> int:
     # The examples are the rows of the token inputs; other tensors (e.g. a (1, L) position_ids) need not be batch-first.
     for key in ("input_ids", "attention_mask", "inputs_embeds"):
         if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 0:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lrsparse.activation import input_covariances
+from lrsparse.calibration import CalibrationGatherer
 from lrsparse.config import LPAFConfig
 from lrsparse.factorization import factorize_model
 from lrsparse.layers import MixedRankLinear, MixedRankScheduler, finalize_low_rank
@@ -48,7 +49,8 @@ class Compressor:
     """Drives LPAF (or a baseline preset) over a model through both training phases; see the module docstring."""
 
     def __init__(self, model: nn.Module, config: LPAFConfig, total_steps: int | None = None,
-                 targets: Mapping[str, nn.Module] | Iterable[str] | None = None, seed: int = 0) -> None:
+                 targets: Mapping[str, nn.Module] | Iterable[str] | None = None, seed: int = 0,
+                 gather_calibration: bool = True) -> None:
         if not isinstance(config, LPAFConfig):
             raise TypeError(f"config must be an LPAFConfig (e.g. lrsparse.PRESETS['lpaf']), got "
                             f"{type(config).__name__}")
@@ -64,6 +66,9 @@ class Compressor:
         self.scheduler: MixedRankScheduler | None = None
         self.mixed_steps: int | None = None
         self._records: list[LayerRecord] = []
+        # An activation-aware factorizer's calibration, gathered from the training forwards (lrsparse.calibration).
+        self.gather_calibration = gather_calibration
+        self.calibration: CalibrationGatherer | None = None
         if total_steps is not None:
             self.schedule(total_steps)
 
@@ -103,6 +108,7 @@ class Compressor:
             if self.total_steps is None:
                 self.total_steps = total_steps
                 self.pruner = self._new_pruner()
+                self._new_calibration()
             elif total_steps != self.total_steps:
                 raise ValueError(f"the pruning phase was prepared for total_steps={self.total_steps}, got "
                                  f"{total_steps}: prepare the compressor with the training run's number of steps")
@@ -115,6 +121,15 @@ class Compressor:
                                  f"got {total_steps}")
         else:
             raise RuntimeError("the compressor is done (converted to low rank): there is no phase left to schedule")
+
+    def _new_calibration(self) -> None:
+        if not (self.config.calibrates and self.gather_calibration):
+            return
+        # The masks stop changing once the schedule reaches its final density (after the last mask update).
+        final_warmup = getattr(self.pruner, "final_warmup", None) if self.config.prunes else None
+        masks_final_after = 0 if final_warmup is None else self.total_steps - final_warmup
+        self.calibration = CalibrationGatherer(self.model, self.targets, self.config.calibration_samples,
+                                               self.total_steps, masks_final_after)
 
     def _start_mixed_rank(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.mixed_steps = total_steps
@@ -140,6 +155,8 @@ class Compressor:
                     self.pruner.step(grads_finite=True)
                 else:
                     self.pruner.step()
+            if self.calibration is not None:
+                self.calibration.step()
         elif self.phase == "mixed_rank":
             if self.scheduler is None:
                 raise RuntimeError("the mixed-rank phase has no length: pass total_steps to factorize() or call "
@@ -154,10 +171,11 @@ class Compressor:
                   ) -> list[LayerRecord]:
         """Ends phase 1: every target becomes a MixedRankLinear holding its factorization (ranks from the rank
         allocator) beside its pruned weight; ``total_steps`` is the length of phase 2 (0: convert right away; None:
-        set later by :meth:`schedule`). An activation-aware factorizer fits each layer's outputs on
-        ``calibration``, batches of model inputs (e.g. the training DataLoader: only its first
-        ``config.calibration_samples`` examples are read). Build the
-        phase-2 optimizer after this call: the factors are new parameters."""
+        set later by :meth:`schedule`). An activation-aware factorizer fits each layer's outputs on the layer inputs
+        the compressor gathered in the last steps of phase 1 (:mod:`lrsparse.calibration`), or on ``calibration``
+        when given: batches of model inputs (e.g. the training DataLoader: only its first
+        ``config.calibration_samples`` examples are read, in eval mode). Build the phase-2 optimizer after this
+        call: the factors are new parameters."""
         if self.phase != "prune":
             raise RuntimeError(f"factorize() ends the pruning phase; the compressor is in phase {self.phase!r}")
         if not self.config.factorizes:
@@ -169,13 +187,20 @@ class Compressor:
             _check_steps(total_steps, "total_steps", 0)
         config = self.config
         covariances = None
+        gathered, self.calibration = self.calibration, None
+        if gathered is not None:
+            gathered.close()
         if config.calibrates:
-            if calibration is None:
+            if calibration is not None:
+                covariances = input_covariances(self.model, self.targets, calibration,
+                                                max_examples=config.calibration_samples)
+            elif gathered is not None:
+                covariances = gathered.covariances(next(self.model.parameters()).device)
+            else:
                 raise ValueError(f"factorizer {config.factorizer!r} fits each layer's outputs: pass calibration= "
                                  f"(batches of model inputs, e.g. the training DataLoader; its first "
-                                 f"{config.calibration_samples} examples are used)")
-            covariances = input_covariances(self.model, self.targets, calibration,
-                                            max_examples=config.calibration_samples)
+                                 f"{config.calibration_samples} examples are used), or prepare the compressor with "
+                                 "gather_calibration=True")
         self._records = factorize_model(
             self.model, config.keep, method=config.factorizer, allocation=config.rank_allocation,
             rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets,
@@ -227,7 +252,8 @@ class Compressor:
                 "total_steps": self.total_steps, "mixed_steps": self.mixed_steps,
                 "pruner": None if self.pruner is None else self.pruner.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "records": [r.to_dict() for r in self._records]}
+                "records": [r.to_dict() for r in self._records],
+                "calibration": None if self.calibration is None else self.calibration.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restores a state saved by :meth:`state_dict` into a fresh compressor for the same model and config (not
@@ -258,6 +284,14 @@ class Compressor:
                 raise ValueError("compressor state and config disagree on whether there is a pruner")
             if self.pruner is not None:
                 self.pruner.load_state_dict(state["pruner"])
+            if state.get("calibration") is not None:
+                if self.calibration is None:
+                    raise ValueError("compressor state holds gathered calibration, but this compressor gathers none "
+                                     "(gather_calibration=False)")
+                self.calibration.load_state_dict(state["calibration"])
+            elif self.calibration is not None and self.calibration.steps_done == 0 and self.pruner is not None:
+                # A state saved without gathering (older lrsparse, or gather_calibration=False): count its steps.
+                self.calibration.steps_done = getattr(self.pruner, "step_count", 0)
             self._records = records
             return
         self.total_steps, self.mixed_steps, self._records = state["total_steps"], state["mixed_steps"], records
@@ -271,8 +305,11 @@ class Compressor:
 
 
 def prepare(model: nn.Module, config: LPAFConfig, total_steps: int | None = None,
-            targets: Mapping[str, nn.Module] | Iterable[str] | None = None, seed: int = 0) -> Compressor:
+            targets: Mapping[str, nn.Module] | Iterable[str] | None = None, seed: int = 0,
+            gather_calibration: bool = True) -> Compressor:
     """A :class:`Compressor` over ``model`` for a pruning phase of ``total_steps`` optimizer steps (None: set by
     :meth:`Compressor.schedule`, as the Trainer integration does). ``targets``
-    (patterns or a name -> module dict) overrides ``config.targets``; ``seed`` seeds the factorization."""
-    return Compressor(model, config, total_steps, targets, seed)
+    (patterns or a name -> module dict) overrides ``config.targets``; ``seed`` seeds the factorization;
+    ``gather_calibration=False`` leaves calibration to ``factorize(calibration=...)`` (the CLI's way: a seeded
+    subset of the training set in eval mode)."""
+    return Compressor(model, config, total_steps, targets, seed, gather_calibration)

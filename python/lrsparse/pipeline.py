@@ -178,7 +178,8 @@ class CompressionRun:
         return model.to(self.device)
 
     def _compressor(self, model: nn.Module) -> Compressor:
-        return prepare(model, self.lpaf, self.steps["prune"], seed=self.config.seed)
+        # The pipeline calibrates on a seeded training subset in eval mode (_calibration_batches), not on the forwards.
+        return prepare(model, self.lpaf, self.steps["prune"], seed=self.config.seed, gather_calibration=False)
 
     # --------------------------------------------------------------------------------------------- stages
     def _train(self, state: _RunState, stage: str, steps: int, stage_seed: int, compressor=None,
@@ -301,7 +302,7 @@ class CompressionRun:
         state = _RunState(model=model, training=payload.get("training"))
         if payload["compressor"] is not None:
             # Unscheduled: the saved state brings its phase (and, in the pruning phase, its length).
-            state.compressor = Compressor(model, self.lpaf, seed=self.config.seed)
+            state.compressor = Compressor(model, self.lpaf, seed=self.config.seed, gather_calibration=False)
             state.compressor.load_state_dict(payload["compressor"])
         return state
 
@@ -364,7 +365,7 @@ class CompressionRun:
                 (self.output_dir / "report.json").unlink(missing_ok=True)
                 shutil.rmtree(self.store.directory, ignore_errors=True)
             state = _RunState(model=self._fresh_model())
-            targets = Compressor(state.model, self.lpaf).targets  # what the method will compress, for the counts
+            targets = Compressor(state.model, self.lpaf, gather_calibration=False).targets  # what the method will compress, for the counts
             dense = count_parameters(state.model, list(targets), sparse=False)
             manifest = {"format_version": CHECKPOINT_FORMAT, "config": config.identity(), "dense_params": dense,
                         "stages": [], "completed": False}
