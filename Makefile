@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 DATA_DIR ?= $(LRSPARSE_DATA_DIR)
-# The folder that holds glue/, or one message saying how to get it (and make stops).
-FIND_DATA = $(abspath $(PY)) $(CURDIR)/scripts/find_data.py $(DATA_DIR)
+# Run with the venv's python (its `datasets` downloads GLUE when needed): the folder that holds glue/, or one
+# message saying how to get it (and make stops).
+FIND_DATA = scripts/find_data.py $(DATA_DIR)
 PYTEST_ARGS ?=
 
 .PHONY: venv install dev test test-fast demo cuda-check cuda-build bench-ops clean fetch-mpnet
@@ -33,7 +34,7 @@ dev: | $(VENV)/.deps
 	cp build/dev/_C*.so python/lrsparse/
 
 test: install
-	data=$$($(FIND_DATA)) && cd tests && LRSPARSE_DATA_DIR=$$data ../$(PY) -m pytest -q $(PYTEST_ARGS)
+	data=$$($(PY) $(FIND_DATA)) && cd tests && LRSPARSE_DATA_DIR=$$data ../$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # LPAF on SST-2 at keep 0.25, sized for about 15 minutes on 2 CPU cores: 10,000 training sentences, one epoch per
 # stage (dense fine-tuning, pruning, mixed-rank fine-tuning: 313 steps each at batch 32), full dev set after every
@@ -41,7 +42,7 @@ test: install
 DEMO_DIR ?= runs/demo-sst2-keep0.25
 DEMO_ARGS ?= --overwrite
 demo: install
-	data=$$($(FIND_DATA)) && $(PY) -m lrsparse.cli compress --task sst2 --keep 0.25 --data-dir $$data/glue \
+	data=$$($(PY) $(FIND_DATA)) && $(PY) -m lrsparse.cli compress --task sst2 --keep 0.25 --data-dir $$data/glue \
 	    --output $(DEMO_DIR) --max-train-samples 10000 --epochs 1 --seed 0 --no-inspect $(DEMO_ARGS)
 	$(PY) -m lrsparse.cli inspect $(DEMO_DIR)
 
@@ -80,7 +81,7 @@ cuda-build: | $(CUDA_VENV)/.deps
 	    $(CUDA_PY) -m pip install --no-build-isolation -Cbuild-dir=build/cuda \
 	    "-Ccmake.define.LRSPARSE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES)" ".[test,data,plot,export,hf,tensorboard,embedding]"
 	cd tests && $(abspath $(CUDA_PY)) -c "$$CUDA_BUILD_CHECK"
-	data=$$($(FIND_DATA)) && cd tests && LRSPARSE_EXPECT_CUDA_BUILD=1 LRSPARSE_DATA_DIR=$$data ../$(CUDA_PY) -m pytest -q $(PYTEST_ARGS)
+	data=$$($(CUDA_PY) $(FIND_DATA)) && cd tests && LRSPARSE_EXPECT_CUDA_BUILD=1 LRSPARSE_DATA_DIR=$$data ../$(CUDA_PY) -m pytest -q $(PYTEST_ARGS)
 
 # Run from tests/ so that the installed lrsparse is imported, not the source tree's python/ (which has no _C).
 define CUDA_BUILD_CHECK
