@@ -154,8 +154,11 @@ def test_two_phases_end_low_rank_within_budget(tmp_path):
     pruning = tiny_trainer(model, tmp_path, [callback])
     pruning.train()
     shapes = {name: tuple(m.weight.shape) for name, m in compressor.targets.items()}
-    # The default factorizer fits each layer's outputs: the training loader's first examples calibrate it.
-    records = compressor.factorize(calibration=pruning.get_train_dataloader())  # phase 2's length: max_steps
+    # The default factorizer fits each layer's outputs on the inputs the compressor gathered in the last pruning steps
+    # (no calibration= needed: the Trainer's forwards went through its hooks).
+    # The masks are final after STEPS - WARM_F steps: the last WARM_F steps of 4 examples each are gathered.
+    assert compressor.calibration.window_start == STEPS - WARM_F and compressor.calibration.seen == WARM_F * 4
+    records = compressor.factorize()  # phase 2's length: max_steps
     assert compressor.phase == "mixed_rank" and [r.kind for r in records] == ["mixed"] * len(shapes)
 
     trainer = tiny_trainer(model, tmp_path, [callback], steps=8)  # a new Trainer: a new optimizer over U, V

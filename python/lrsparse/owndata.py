@@ -173,12 +173,16 @@ def _check_utf8(path: Path) -> None:
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
+    """The header row of a CSV / TSV file that has at least one example row after it."""
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter,
                             quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         header = next(reader, None)
+        first = next((row for row in reader if row and row != [""]), None)
     if not header or header == [""]:
         raise ValueError(f"{path} is empty: expected a header row naming the columns, then one example per row")
+    if first is None:
+        raise ValueError(f"{path} has no rows after its header {header}")
     return header
 
 

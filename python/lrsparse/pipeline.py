@@ -454,7 +454,8 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str | None = None, data_d
                    device: str = "auto", seed: int | None = None, doc_stride: int | None = None,
                    allow_random_head: bool = False, precision: str = "fp32",
                    validation_file: str | os.PathLike | None = None) -> dict:
-    """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (or a plain transformers folder) on the dev
+    """Metrics of a model saved by :func:`lrsparse.io.save_compressed` (its folder or the run folder holding it, or a
+    plain transformers folder) on the dev
     split of ``task`` (None: the task the model was compressed for), or for a model of your own labelled data on its
     run's dev set or on ``validation_file`` (read with the run's columns, scored in the model's labels).
 
@@ -466,9 +467,11 @@ def evaluate_saved(model_dir: str | os.PathLike, task: str | None = None, data_d
     """
     from transformers import AutoTokenizer
 
+    from lrsparse.predict import run_model_dir
+
     target_device = resolve_device(device)
     check_precision(precision, target_device)
-    model_dir = Path(model_dir)
+    model_dir = run_model_dir(model_dir)  # a run folder: its model/ folder
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
     compressed = (model_dir / LAYERS_FILE).is_file()

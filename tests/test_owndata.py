@@ -1,0 +1,198 @@
+"""Your own data through the main job: CSV / TSV / JSON lines / Parquet / save_to_disk folders and datasets names,
+checked against the GLUE loader on the same examples (bitwise equal metrics), against scikit-learn's metrics, and
+for every kind of bad input (a clear error before any training, nothing written to --output)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from lrsparse.cli import main
+from lrsparse.owndata import DataSpec, read_examples
+from lrsparse.pipeline import evaluate_saved, run_compression
+from lrsparse.recipe import RecipeConfig
+from pipeline_helpers import save_tiny_bert_checkpoint
+
+SST2_NAMES = {"0": "negative", "1": "positive"}
+TINY_RUN = dict(keep=0.5, epochs=1.0, batch_size=8, eval_batch_size=16, max_seq_len=32, threads=1)
+
+
+def _glue_rows(path, header=True):
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[1:] if header else rows
+
+
+def _write_tsv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write("\t".join(header) + "\n")
+        for row in rows:
+            handle.write("\t".join(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm_path):
+    return save_tiny_bert_checkpoint(tmp_path_factory.mktemp("tiny") / "bert", minilm_path)
+
+
+@pytest.fixture(scope="module")
+def sst2_subset(tmp_path_factory, data_dir):
+    """40 training and 24 dev sentences of SST-2, as a GLUE-layout folder and as CSVs with other column names and
+    the labels' names."""
+    root = tmp_path_factory.mktemp("sst2")
+    train = _glue_rows(data_dir / "glue" / "SST-2" / "train.tsv")[:40]
+    dev = _glue_rows(data_dir / "glue" / "SST-2" / "dev.tsv")[:24]
+    for split, rows in (("train", train), ("dev", dev)):
+        _write_tsv(root / "glue" / "SST-2" / f"{split}.tsv", ["sentence", "label"], rows)
+        with open(root / f"{split}.csv", "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["review", "sentiment"])
+            writer.writerows([text, SST2_NAMES[label]] for text, label in rows)
+    return root
+
+
+def _stage_metrics(report):
+    return [stage["metrics"] for stage in report["stages"]]
+
+
+def test_sst2_as_csv_with_label_names_equals_the_glue_task_bitwise(sst2_subset, tiny_model, tmp_path):
+    glue = run_compression(RecipeConfig.create(task="sst2", output_dir=str(tmp_path / "glue"), model=str(tiny_model),
+                                               data_dir=str(sst2_subset / "glue"), **TINY_RUN))
+    own = run_compression(RecipeConfig.create(
+        task=None, output_dir=str(tmp_path / "own"), model=str(tiny_model), train_file=str(sst2_subset / "train.csv"),
+        validation_file=str(sst2_subset / "dev.csv"), text_columns=["review"], label_column="sentiment", **TINY_RUN))
+    assert own["task"] == "text-classification" and own["data"]["labels"] == ["negative", "positive"]
+    for glue_stage, own_stage in zip(_stage_metrics(glue), _stage_metrics(own), strict=True):
+        assert own_stage["accuracy"] == glue_stage["accuracy"]  # bit for bit: same examples, ids, seed
+    assert [layer["rank"] for layer in own["layers"]] == [layer["rank"] for layer in glue["layers"]]
+    config = json.loads((tmp_path / "own" / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_stsb_as_parquet_regression_equals_the_glue_task_bitwise(data_dir, tiny_model, tmp_path):
+    pandas = pytest.importorskip("pandas")  # a dependency of datasets
+    header, *rows = _glue_rows(data_dir / "glue" / "STS-B" / "train.tsv", header=False)
+    dev_header, *dev_rows = _glue_rows(data_dir / "glue" / "STS-B" / "dev.tsv", header=False)
+    columns = [header.index(name) for name in ("sentence1", "sentence2", "score")]
+    for split, head, body in (("train", header, rows[:40]), ("dev", dev_header, dev_rows[:24])):
+        _write_tsv(tmp_path / "glue" / "STS-B" / f"{split}.tsv", head, body)
+        frame = pandas.DataFrame({"first": [r[columns[0]] for r in body], "second": [r[columns[1]] for r in body],
+                                  "similarity": [float(r[columns[2]]) for r in body]})
+        frame.to_parquet(tmp_path / f"{split}.parquet")
+    glue = run_compression(RecipeConfig.create(task="stsb", output_dir=str(tmp_path / "glue_run"),
+                                               model=str(tiny_model), data_dir=str(tmp_path / "glue"), **TINY_RUN))
+    own = run_compression(RecipeConfig.create(
+        task=None, output_dir=str(tmp_path / "own_run"), model=str(tiny_model),
+        train_file=str(tmp_path / "train.parquet"), validation_file=str(tmp_path / "dev.parquet"),
+        text_columns=["first", "second"], label_column="similarity", problem_type="regression", **TINY_RUN))
+    for glue_stage, own_stage in zip(_stage_metrics(glue), _stage_metrics(own), strict=True):
+        assert (own_stage["pearson"], own_stage["spearman"]) == (glue_stage["pearson"], glue_stage["spearman"])
+    assert own["data"]["problem_type"] == "regression"
+
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("three")
+    words = {"sports": "match goal team", "politics": "vote law senate", "science": "atom cell physics"}
+    for split, count in (("train", 36), ("validation", 18)):
+        with open(root / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for i in range(count):
+                topic = list(words)[i % 3]
+                handle.write(json.dumps({"body": f"{words[topic]} item {i}", "topic": topic}) + "\n")
+    run = root / "run"
+    assert main(["compress", "--model", str(tiny_model), "--train-file", str(root / "train.jsonl"),
+                 "--validation-file", str(root / "validation.jsonl"), "--text-columns", "body", "--label-column",
+                 "topic", "--keep", "0.5", "--epochs", "2", "--batch-size", "8", "--max-seq-len", "16", "--output",
+                 str(run), "--threads", "1", "--no-inspect"]) == 0
+    return root, run
+
+
+def test_three_string_classes_keep_their_names_in_every_export(three_class_run, tmp_path):
+    root, run = three_class_run
+    names = {0: "politics", 1: "science", 2: "sports"}  # sorted
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert {int(k): v for k, v in config["id2label"].items()} == names
+    assert main(["export", str(run), "--format", "pytorch", "--out", str(tmp_path / "plain")]) == 0
+    exported = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert {int(k): v for k, v in exported["id2label"].items()} == names
+    assert exported["label2id"] == {v: k for k, v in names.items()}
+
+
+def test_predict_on_the_validation_file_reproduces_evaluate(three_class_run, tmp_path):
+    root, run = three_class_run
+    metrics = evaluate_saved(run, validation_file=str(root / "validation.jsonl"))
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(run), "--input", str(root / "validation.jsonl"), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    gold = [row["topic"] for row in rows]
+    predicted = [row["prediction"] for row in rows]
+    assert accuracy_score(gold, predicted) == pytest.approx(metrics["accuracy"], abs=1e-12)
+    assert f1_score(gold, predicted, average="macro") == pytest.approx(metrics["macro_f1"], abs=1e-12)
+    for row in rows:
+        assert set(row["probabilities"]) == {"politics", "science", "sports"}
+        assert math.isclose(sum(row["probabilities"].values()), 1.0, rel_tol=1e-9)
+        assert row["probability"] == max(row["probabilities"].values())
+    # The same file as CSV output: one probability column per class, and the input's columns kept.
+    assert main(["predict", str(run / "model"), "--input", str(root / "validation.jsonl"), "--output",
+                 str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    with open(tmp_path / "p.csv", encoding="utf-8", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == ["body", "topic", "prediction", "probability", "probability_politics",
+                              "probability_science", "probability_sports"]
+    assert [row["prediction"] for row in table] == predicted
+
+
+def test_evaluate_without_flags_scores_the_runs_dev_set(three_class_run):
+    root, run = three_class_run
+    report = json.loads((run / "report.json").read_text())
+    assert evaluate_saved(run / "model") == pytest.approx(report["final_metrics"], abs=1e-9)
+    assert main(["evaluate", "--model", str(run)]) == 0
+
+
+def test_holdout_without_validation_file_is_seeded_and_disjoint(tmp_path):
+    path = tmp_path / "all.csv"
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"sentence {i}", "yes" if i % 3 else "no"] for i in range(50))
+    train, dev, labels = read_examples(DataSpec(train_file=str(path), validation_split=0.2))
+    again = read_examples(DataSpec(train_file=str(path), validation_split=0.2))[1]
+    assert len(dev) == 10 and len(train) == 40 and dev.texts_a == again.texts_a
+    assert not set(dev.texts_a) & set(train.texts_a)
+    assert sorted(dev.texts_a + train.texts_a) == sorted(f"sentence {i}" for i in range(50))
+    assert labels.label_values == ("no", "yes") and "held out: 10 of 50" in dev.source
+
+
+def test_resume_needs_no_data_flags(sst2_subset, tiny_model, tmp_path):
+    args = ["compress", "--model", str(tiny_model), "--train-file", str(sst2_subset / "train.csv"), "--text-columns",
+            "review", "--label-column", "sentiment", "--keep", "0.5", "--epochs", "1", "--batch-size", "8",
+            "--max-seq-len", "16", "--output", str(tmp_path / "run"), "--threads", "1", "--no-inspect"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert main(["compress", "--output", str(tmp_path / "run"), "--resume", "--model", str(tiny_model), "--keep",
+                 "0.5", "--epochs", "1", "--batch-size", "8", "--max-seq-len", "16", "--no-inspect"]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
+
+
+def test_a_datasets_folder_and_a_dataset_name(sst2_subset, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train = datasets.load_dataset("csv", data_files=str(sst2_subset / "train.csv"), split="train")
+    dev = datasets.load_dataset("csv", data_files=str(sst2_subset / "dev.csv"), split="train")
+    datasets.DatasetDict({"train": train, "validation": dev}).save_to_disk(str(tmp_path / "saved"))
+    spec = dict(text_columns=("review",), label_column="sentiment")
+    expected = read_examples(DataSpec(train_file=str(sst2_subset / "train.csv"),
+                                      validation_file=str(sst2_subset / "dev.csv"), **spec))
+    from_folder = read_examples(DataSpec(dataset=str(tmp_path / "saved"), **spec))
+    (tmp_path / "named").mkdir()  # a local dataset repository: datasets.load_dataset(path) infers its splits
+    (tmp_path / "named" / "train.csv").write_bytes((sst2_subset / "train.csv").read_bytes())
+    (tmp_path / "named" / "validation.csv").write_bytes((sst2_subset / "dev.csv").read_bytes())
+    by_name = read_examples(DataSpec(dataset=str(tmp_path / "named"), **spec))
+    for got in (from_folder, by_name):
+        assert got[0].texts_a == expected[0].texts_a and got[0].labels == expected[0].labels
+        assert got[1].texts_a == expected[1].texts_a  # its validation split is the dev set
