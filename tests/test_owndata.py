@@ -121,6 +121,15 @@ def test_three_string_classes_keep_their_names_in_every_export(three_class_run, 
     exported = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert {int(k): v for k, v in exported["id2label"].items()} == names
     assert exported["label2id"] == {v: k for k, v in names.items()}
+    # predict reads the export (trust_remote_code) as it reads the run: the same labels and probabilities.
+    for model, out in ((tmp_path / "plain", tmp_path / "from_export.jsonl"), (run, tmp_path / "from_run.jsonl")):
+        assert main(["predict", str(model), "--input", str(root / "validation.jsonl"), "--output", str(out),
+                     "--text-columns", "body", "--no-progress"]) == 0
+    from_export, from_run = ([json.loads(line) for line in path.read_text().splitlines()]
+                             for path in (tmp_path / "from_export.jsonl", tmp_path / "from_run.jsonl"))
+    assert [r["prediction"] for r in from_export] == [r["prediction"] for r in from_run]
+    for a, b in zip(from_export, from_run):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
 
 
 def test_predict_on_the_validation_file_reproduces_evaluate(three_class_run, tmp_path):
@@ -196,3 +205,29 @@ def test_a_datasets_folder_and_a_dataset_name(sst2_subset, tmp_path):
     for got in (from_folder, by_name):
         assert got[0].texts_a == expected[0].texts_a and got[0].labels == expected[0].labels
         assert got[1].texts_a == expected[1].texts_a  # its validation split is the dev set
+
+
+def test_embedding_train_text_from_a_column_of_a_table(tmp_path):
+    from lrsparse.embedding import read_sentences
+
+    path = _csv_file(tmp_path / "reviews.csv", ["id", "review"], [["1", " A fine film "], ["2", "Dull."],
+                                                                    ["3", "A fine film"]])
+    sentences, source = read_sentences(str(path), None, ("review",))
+    assert sentences == ["A fine film", "Dull."] and "review" in source
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", "one"]))
+    assert read_sentences(str(tmp_path / "lines.jsonl"), None)[0] == ["one", "two"]  # default column: text
+    with pytest.raises(ValueError, match=r"text column\(s\) \['body'\] not found"):
+        read_sentences(str(path), None, ("body",))
+    with pytest.raises(ValueError, match="names columns of a table"):
+        read_sentences(str(tmp_path / "x.txt"), None, ("review",))
+    config = RecipeConfig.create(task="embedding", keep=0.5, output_dir=str(tmp_path / "run"), train_text=str(path),
+                                 text_columns=["review"])
+    assert config.identity()["train_text_columns"] == ["review"]
+
+
+def _csv_file(path, header, rows):
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

@@ -180,12 +180,26 @@ class SentenceEmbeddingModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Data: unlabelled training sentences, STS-B dev pairs
 # ---------------------------------------------------------------------------------------------------------------
-def read_sentences(source: str, data_dir: str | os.PathLike | None) -> tuple[list[str], str]:
+def read_sentences(source: str, data_dir: str | os.PathLike | None,
+                   text_columns: tuple[str, ...] | None = None) -> tuple[list[str], str]:
     """The training sentences named by ``train_text``: a UTF-8 text file (one sentence per line, blank lines
-    skipped), or ``glue:TASK``: every distinct sentence of that GLUE task's train split. Returns (sentences,
-    where they came from)."""
+    skipped), a table (CSV, TSV, JSON lines, Parquet or a save_to_disk folder: the distinct texts of its
+    ``text_columns``, default sentence1 + sentence2, sentence or text), or ``glue:TASK``: every distinct sentence of
+    that GLUE task's train split. Returns (sentences, where they came from)."""
     from lrsparse.data import load_glue
+    from lrsparse.owndata import TABLE_SUFFIXES, DataSpec, read_table, text_columns_of
 
+    if Path(source).suffix.lower() in TABLE_SUFFIXES or Path(source).is_dir():
+        table = read_table(source, "train_text")
+        columns = text_columns_of(table.column_names, DataSpec(train_file=source, text_columns=text_columns), source)
+        texts = [text for column in columns for text in table[column] if isinstance(text, str)]
+        sentences = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+        if not sentences:
+            raise ValueError(f"train_text {source!r}: its column(s) {list(columns)} hold no text")
+        return sentences, f"{source} (column(s) {', '.join(columns)})"
+    if text_columns is not None:
+        raise ValueError(f"text_columns (--text-columns) names columns of a table; train_text {source!r} is not one "
+                         f"(expected one of {sorted(TABLE_SUFFIXES)})")
     if source.startswith(GLUE_PREFIX):
         examples = load_glue(source[len(GLUE_PREFIX):], "train", data_dir)
         texts = examples.texts_a + (examples.texts_b or [])
@@ -270,8 +284,9 @@ class EmbeddingTask:
     output_names = ("sentence_embedding",)
     eval_task = "stsb"
 
-    def __init__(self, train_text: str | None = None):
+    def __init__(self, train_text: str | None = None, text_columns: tuple[str, ...] | None = None):
         self.train_text = train_text
+        self.text_columns = text_columns
 
     def load(self, split: str, data_dir: str | os.PathLike | None, max_samples: int | None, seed: int):
         from lrsparse.data import load_glue, subsample_indices
@@ -284,7 +299,7 @@ class EmbeddingTask:
             raise ValueError(f"task embedding needs train_text (--train-text FILE, or {GLUE_PREFIX}TASK for the "
                              "sentences of a GLUE task's train split): its training signal is distillation on "
                              "unlabelled sentences")
-        sentences, source = read_sentences(self.train_text, data_dir)
+        sentences, source = read_sentences(self.train_text, data_dir, self.text_columns)
         sentences = self._without_dev_sentences(sentences, data_dir)
         if max_samples is not None and max_samples < len(sentences):
             sentences = [sentences[i] for i in subsample_indices(len(sentences), max_samples, seed)]

@@ -37,7 +37,7 @@ DATA_FORMAT = 1
 # Column names taken when text_columns is not given, in this order (transformers' examples do the same).
 DEFAULT_TEXT_COLUMNS = (("sentence1", "sentence2"), ("sentence",), ("text",))
 
-_TEXT_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NONFINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
@@ -201,9 +201,9 @@ def read_table(path: str | os.PathLike, role: str = "data"):
         return table
     if not path.is_file():
         raise FileNotFoundError(f"{role} file not found: {path}")
-    kind = _TEXT_SUFFIXES.get(path.suffix.lower())
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(_TEXT_SUFFIXES)} or a "
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(TABLE_SUFFIXES)} or a "
                          "folder written by datasets' save_to_disk")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty")

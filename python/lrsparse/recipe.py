@@ -57,7 +57,8 @@ class RecipeConfig:
     validation_split: float = option(0.1, "fraction of the training data held out as the dev set when there is "
                                      "no --validation-file (the same rows for every --seed)", group="data")
     train_text: str | None = option(None, "task embedding: the unlabelled training sentences, a UTF-8 text file with "
-                                    "one per line, or glue:TASK for the sentences of a GLUE task's train split "
+                                    "one per line, a table (CSV, TSV, JSON lines, Parquet: the texts of its "
+                                    "--text-columns), or glue:TASK for the sentences of a GLUE task's train split "
                                     "(from --data-dir)")
     max_train_samples: int | None = option(None, "seeded subset of the training set (default: all of it)")
     max_eval_samples: int | None = option(None, "seeded subset of the dev set (default: all of it)")
@@ -132,6 +133,9 @@ class RecipeConfig:
         lpaf = PRESETS[method].replace(keep=keep, **overrides)
         return cls(task=task, output_dir=output_dir, method=method, lpaf=lpaf, **options)
 
+    def train_text_columns(self) -> tuple[str, ...] | None:
+        return None if self.text_columns is None else tuple(self.text_columns)
+
     def data_spec(self) -> DataSpec | None:
         """How the user's own data is read (None for a GLUE task, squad or embedding)."""
         if self.task != TEXT_TASK:
@@ -167,7 +171,7 @@ class RecipeConfig:
             if getattr(self, name) is not None and not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number or None, got {getattr(self, name)!r}")
         self._validate_own_data()
-        task = resolve_task(self.task, self.train_text, self.data_spec())
+        task = resolve_task(self.task, self.train_text, self.data_spec(), self.train_text_columns())
         self._validate_for_task(task)
         for name, choices in (("dense_finetune", DENSE_FINETUNE_MODES), ("nonfinite_grads", NONFINITE_GRAD_MODES),
                               ("precision", PRECISIONS), ("distill_teacher", DISTILL_TEACHERS)):
@@ -239,7 +243,8 @@ class RecipeConfig:
                                  "--train-file / --validation-file or --dataset")
             return
         given = [name for name in self.OWN_DATA
-                 if getattr(self, name) != RecipeConfig.__dataclass_fields__[name].default]
+                 if getattr(self, name) != RecipeConfig.__dataclass_fields__[name].default
+                 and not (name == "text_columns" and self.task == "embedding")]  # the columns of --train-text
         if given:
             raise ValueError(f"{', '.join(given)} read your own data, which task {self.task!r} does not take: leave "
                              f"--task out (it becomes {TEXT_TASK})")
@@ -267,6 +272,8 @@ class RecipeConfig:
                   if f.name not in self.RESUME_FREE and f.name not in self.OWN_DATA and f.name != "lpaf"}
         if self.data_spec() is not None:  # only then: checkpoints of the other tasks keep their identity
             values["data"] = self.data_spec().to_dict()
+        if self.train_text_columns() is not None:
+            values["train_text_columns"] = list(self.train_text_columns())
         for stage, name in (("dense", "dense_epochs"), ("prune", "prune_epochs"), ("mixed_rank", "mixed_epochs")):
             values[name] = self.stage_epochs(stage)
         values.pop("epochs")
@@ -277,7 +284,7 @@ class RecipeConfig:
     def distills(self) -> bool:
         """Whether the training stages distill from a frozen teacher (always for task embedding: its only signal)."""
         return (self.distill_weight > 0 or self.distill_hidden_weight > 0
-                or resolve_task(self.task, self.train_text, self.data_spec()).kind == "embedding")
+                or resolve_task(self.task, self.train_text, self.data_spec(), self.train_text_columns()).kind == "embedding")
 
     def stage_names(self) -> list[str]:
         names = ["dense", "prune" if self.lpaf.prunes else "finetune"]

@@ -178,10 +178,12 @@ class QuestionAnsweringTask:
         return squad_metrics(best_spans(dataset, starts, ends), dataset.examples.references())
 
 
-def resolve_task(task, train_text: str | None = None, data: DataSpec | None = None):
+def resolve_task(task, train_text: str | None = None, data: DataSpec | None = None,
+                 text_columns: tuple[str, ...] | None = None):
     """The task object for a name (GLUE names as :func:`lrsparse.data.get_task` takes them, "squad", "embedding" or
     "text-classification"), a GlueTask, or a task object (returned as is). ``train_text`` is the embedding task's
-    training text, ``data`` where text-classification's examples come from."""
+    training text (``text_columns``: its columns when it is a table), ``data`` where text-classification's examples
+    come from."""
     from lrsparse.embedding import EmbeddingTask
 
     if isinstance(task, (ClassificationTask, QuestionAnsweringTask, EmbeddingTask)):
@@ -195,7 +197,7 @@ def resolve_task(task, train_text: str | None = None, data: DataSpec | None = No
     if isinstance(task, str) and task.lower() == "squad":
         return QuestionAnsweringTask()
     if isinstance(task, str) and task.lower() == "embedding":
-        return EmbeddingTask(train_text)
+        return EmbeddingTask(train_text, text_columns)
     try:
         return ClassificationTask(get_task(task))
     except ValueError:
