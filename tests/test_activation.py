@@ -69,9 +69,10 @@ def test_max_examples_reads_only_the_first_examples_of_an_iterable():
             input_covariances(model, {query: model.get_submodule(query)}, batches, max_examples=bad)
 
 
-def test_the_default_method_asks_for_calibration_by_name():
+def test_without_gathering_the_default_method_asks_for_calibration_by_name():
     model = tiny_bert(seed=2)
-    compressor = lrsparse.prepare(model, lrsparse.PRESETS["lpaf"].replace(keep=0.5, delta_t=1), total_steps=2)
+    compressor = lrsparse.prepare(model, lrsparse.PRESETS["lpaf"].replace(keep=0.5, delta_t=1), total_steps=2,
+                                  gather_calibration=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for batch in _batches(2):
         model(**batch).loss.backward()

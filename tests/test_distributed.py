@@ -134,8 +134,8 @@ def with_trainer(directory: str, world: int) -> dict:
                       callbacks=[CompressorCallback(compressor)])
     pruning.train()
     masks = {name: mask.clone() for name, mask in compressor.pruner.masks.items()}
-    # Trainer's loader gives each rank its shard: the calibration is the union of the ranks' examples.
-    compressor.factorize(calibration=pruning.get_train_dataloader())  # phase 2's length: max_steps
+    # The compressor gathered each rank's shard in the last pruning steps: pooled, the union of the ranks' examples.
+    compressor.factorize()  # phase 2's length: max_steps
     trainer = Trainer(model=model, args=arguments(MIXED_STEPS), train_dataset=TokenDataset(MIXED_STEPS, seed=2),
                       callbacks=[CompressorCallback(compressor, check_budget=True)])
     trainer.train()

@@ -41,21 +41,23 @@ class CovarianceSums:
 
     def covariances(self, device: torch.device | None = None) -> dict[str, Tensor]:
         """``E[x x^T]`` of every target; under a process group pooled over the ranks (every rank ends with the same
-        covariances, in one collective per target, in the same order everywhere)."""
+        covariances, in one collective per target, in the same order everywhere). The running sums stay this rank's,
+        so a second call pools the same way."""
+        sums, counts = dict(self.sums), dict(self.counts)
         if is_distributed():
             for name, module in self.targets.items():
                 features = linear_shape(module)[0]
-                local = self.sums.get(name)
+                local = sums.get(name)
                 if local is None:
                     local = torch.zeros(features, features, dtype=torch.float64, device=device)
-                total = sum_across_ranks(torch.cat([local.reshape(-1), local.new_tensor([self.counts[name]])]))
-                self.counts[name] = int(total[-1].item())
-                self.sums[name] = total[:-1].reshape(features, features)
-        missing = [name for name, count in self.counts.items() if count == 0]
+                total = sum_across_ranks(torch.cat([local.reshape(-1), local.new_tensor([counts[name]])]))
+                counts[name] = int(total[-1].item())
+                sums[name] = total[:-1].reshape(features, features)
+        missing = [name for name, count in counts.items() if count == 0]
         if missing:
             raise ValueError(f"calibration saw no input of target(s) {missing[:4]}: pass batches of model inputs "
                              "that run through these layers")
-        return {name: self.sums[name] / self.counts[name] for name in self.targets}
+        return {name: sums[name] / counts[name] for name in self.targets}
 
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "counts": dict(self.counts)}

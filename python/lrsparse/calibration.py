@@ -7,7 +7,8 @@ after the pruner's masks have reached their final density (the cubic schedule's 
 per optimizer step measured on the phase's first step (gradient accumulation included): the window opens
 ``ceil(calibration_samples / examples_per_step)`` steps before the end, or when the masks are final if that is later
 (then fewer examples are gathered, and a warning says so). Only forwards with gradients enabled count (an evaluation
-under ``torch.no_grad()`` in the middle of the phase does not), and padding tokens are left out through the attention mask. Under a process group the
+under ``torch.no_grad()`` in the middle of the phase does not), and padding tokens are left out through the attention mask. Under a process group each
+rank gathers its own examples (``calibration_samples`` per rank, as ``input_covariances``' ``max_examples``) and the
 sums are pooled over the ranks when :meth:`CalibrationGatherer.covariances` is called.
 """
 from __future__ import annotations

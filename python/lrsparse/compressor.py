@@ -187,26 +187,28 @@ class Compressor:
             _check_steps(total_steps, "total_steps", 0)
         config = self.config
         covariances = None
-        gathered, self.calibration = self.calibration, None
-        if gathered is not None:
-            gathered.close()
         if config.calibrates:
+            gathered = self.calibration
             if calibration is not None:
                 covariances = input_covariances(self.model, self.targets, calibration,
                                                 max_examples=config.calibration_samples)
-            elif gathered is not None:
+            elif gathered is not None and gathered.seen > 0:
                 covariances = gathered.covariances(next(self.model.parameters()).device)
             else:
+                why = ("" if gathered is None else ": the compressor gathered none (the pruning phase had no step "
+                       "after its masks were final, or no forward with gradients ran through the model)")
                 raise ValueError(f"factorizer {config.factorizer!r} fits each layer's outputs: pass calibration= "
                                  f"(batches of model inputs, e.g. the training DataLoader; its first "
-                                 f"{config.calibration_samples} examples are used), or prepare the compressor with "
-                                 "gather_calibration=True")
+                                 f"{config.calibration_samples} examples are used){why}")
+        if self.calibration is not None:  # the pruning phase is over: its hooks go (the sums stay for a retry)
+            self.calibration.close()
         self._records = factorize_model(
             self.model, config.keep, method=config.factorizer, allocation=config.rank_allocation,
             rank_multiple=config.rank_multiple, pruner=self.pruner, targets=self.targets,
             options=config.factorizer_options(), solver_options=config.solver_options(self.seed),
             min_rank=config.min_rank, input_covariances=covariances)
         self.pruner = None  # its statistics are no longer needed
+        self.calibration = None
         self.phase = "mixed_rank"
         if total_steps is not None:
             self._start_mixed_rank(total_steps)
