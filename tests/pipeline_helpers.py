@@ -55,3 +55,27 @@ def save_tiny_bert_checkpoint(folder, minilm_path, seed: int = 0, layers: int = 
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The head of a script run in a fresh interpreter where lrsparse cannot be imported (exports must load without it).
+BLOCK_LRSPARSE = """
+import importlib.abc, sys
+
+class BlockLrsparse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "lrsparse":
+            raise ImportError(f"{name} is blocked in this process")
+
+sys.meta_path.insert(0, BlockLrsparse())
+"""
+
+
+def write_csv(path, header, rows):
+    """A UTF-8 CSV file with a header row (the csv module's quoting); returns ``path``."""
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

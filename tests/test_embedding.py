@@ -22,7 +22,7 @@ from lrsparse.embedding import (EMBEDDING_KEY, EmbeddingTask, SentenceEmbeddingM
 from lrsparse.io import load_compressed
 from lrsparse.recipe import RecipeConfig
 from lrsparse.training import evaluate
-from pipeline_helpers import save_tiny_bert_checkpoint
+from pipeline_helpers import BLOCK_LRSPARSE, save_tiny_bert_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -186,17 +186,8 @@ def _tiny_sentence_transformer(folder, minilm_path):
     return folder
 
 
-_PLAIN_ENV_SCRIPT = '''
-import importlib.abc, sys, warnings
-
-
-class BlockLrsparse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "lrsparse":
-            raise ImportError(f"{name} is blocked in this process")
-
-
-sys.meta_path.insert(0, BlockLrsparse())
+_PLAIN_ENV_SCRIPT = BLOCK_LRSPARSE + '''
+import warnings
 warnings.simplefilter("ignore")
 import numpy as np
 from sentence_transformers import SentenceTransformer

@@ -25,7 +25,7 @@ from lrsparse.cli import main
 from lrsparse.factorization import factorize_model
 from lrsparse.io import load_compressed, save_compressed
 from lrsparse.layers import LowRankLinear, finalize_low_rank
-from pipeline_helpers import VOCAB, tiny_bert, tiny_bert_config
+from pipeline_helpers import BLOCK_LRSPARSE, VOCAB, tiny_bert, tiny_bert_config
 
 # (batch, length, seed): none is the (2, 8) shape the traced formats were traced with.
 SHAPES = [(3, 13, 1), (1, 5, 2), (4, 9, 3)]
@@ -165,15 +165,7 @@ def torchscript_export(compressed_dir, tmp_path_factory):
     return out
 
 
-_PLAIN_ENV_SCRIPT = textwrap.dedent('''
-    import importlib.abc, sys
-
-    class BlockLrsparse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] == "lrsparse":
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLrsparse())
+_PLAIN_ENV_SCRIPT = BLOCK_LRSPARSE + textwrap.dedent('''
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -7,7 +7,6 @@ compressed model as lrsparse reloads it; the expected targets are each family's 
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from lrsparse.cli import main
 from lrsparse.export import input_names
 from lrsparse.io import load_compressed
 from lrsparse.targets import TARGET_PATTERNS, find_targets
+from pipeline_helpers import BLOCK_LRSPARSE, write_csv
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 # model_type -> (config class and its extra settings, target layer suffixes per block)
@@ -44,15 +44,7 @@ FAMILIES = {
                    ["attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"]),
 }
 
-_NO_LRSPARSE = textwrap.dedent('''
-    import importlib.abc, json, sys
-
-    class BlockLrsparse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] == "lrsparse":
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLrsparse())
+_NO_LRSPARSE = BLOCK_LRSPARSE + textwrap.dedent('''
     import numpy, onnxruntime, torch
     from transformers import AutoModelForSequenceClassification
 
@@ -73,13 +65,9 @@ _NO_LRSPARSE = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def labelled_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["review", "verdict"])
-        for i in range(24):
-            writer.writerow([f"a good film, number {i}" if i % 2 else f"a dull film, number {i}",
-                             "positive" if i % 2 else "negative"])
-    return path
+    return write_csv(path, ["review", "verdict"],
+                     [[f"a good film, number {i}" if i % 2 else f"a dull film, number {i}",
+                       "positive" if i % 2 else "negative"] for i in range(24)])
 
 
 def _tiny_checkpoint(family: str, folder, minilm_path):

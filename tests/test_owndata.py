@@ -15,7 +15,7 @@ from lrsparse.cli import main
 from lrsparse.owndata import DataSpec, read_examples
 from lrsparse.pipeline import evaluate_saved, run_compression
 from lrsparse.recipe import RecipeConfig
-from pipeline_helpers import save_tiny_bert_checkpoint
+from pipeline_helpers import save_tiny_bert_checkpoint, write_csv
 
 SST2_NAMES = {"0": "negative", "1": "positive"}
 TINY_RUN = dict(keep=0.5, epochs=1.0, batch_size=8, eval_batch_size=16, max_seq_len=32, threads=1)
@@ -210,7 +210,7 @@ def test_a_datasets_folder_and_a_dataset_name(sst2_subset, tmp_path):
 def test_embedding_train_text_from_a_column_of_a_table(tmp_path):
     from lrsparse.embedding import read_sentences
 
-    path = _csv_file(tmp_path / "reviews.csv", ["id", "review"], [["1", " A fine film "], ["2", "Dull."],
+    path = write_csv(tmp_path / "reviews.csv", ["id", "review"], [["1", " A fine film "], ["2", "Dull."],
                                                                     ["3", "A fine film"]])
     sentences, source = read_sentences(str(path), None, ("review",))
     assert sentences == ["A fine film", "Dull."] and "review" in source
@@ -224,10 +224,3 @@ def test_embedding_train_text_from_a_column_of_a_table(tmp_path):
                                  text_columns=["review"])
     assert config.identity()["train_text_columns"] == ["review"]
 
-
-def _csv_file(path, header, rows):
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path

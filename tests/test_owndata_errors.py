@@ -2,7 +2,6 @@
 left as it was. Plus hypothesis round trips of the readers (CSV, TSV, JSON lines, Parquet) against the rows written."""
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -11,14 +10,7 @@ from hypothesis import strategies as st
 
 from lrsparse.cli import main
 from lrsparse.owndata import DataSpec, read_examples
-
-
-def _csv(path, header, rows):
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from pipeline_helpers import write_csv
 
 
 def _compress(tmp_path, *flags):
@@ -31,7 +23,7 @@ GOOD = [["a fine film", "pos"], ["a dull film", "neg"], ["great", "pos"], ["awfu
 
 def _case(name, tmp_path):
     """(flags, expected fragments of the message) of one bad input."""
-    good = _csv(tmp_path / "good.csv", ["text", "label"], GOOD)
+    good = write_csv(tmp_path / "good.csv", ["text", "label"], GOOD)
     if name == "missing file":
         return ["--train-file", str(tmp_path / "nope.csv")], ["train file not found", "nope.csv"]
     if name == "missing column":
@@ -42,29 +34,29 @@ def _case(name, tmp_path):
         (tmp_path / "empty.csv").write_bytes(b"")
         return ["--train-file", str(tmp_path / "empty.csv")], ["empty.csv is empty"]
     if name == "header only":
-        _csv(tmp_path / "header.csv", ["text", "label"], [])
+        write_csv(tmp_path / "header.csv", ["text", "label"], [])
         return ["--train-file", str(tmp_path / "header.csv")], ["header.csv has no rows after its header"]
     if name == "not utf-8":
         (tmp_path / "latin.csv").write_bytes("text,label\nok,pos\ncaf\xe9,neg\n".encode("latin-1"))
         return ["--train-file", str(tmp_path / "latin.csv")], ["latin.csv line 3", "0xe9", "not UTF-8"]
     if name == "unseen validation label":
-        dev = _csv(tmp_path / "dev.csv", ["text", "label"], [["fine", "pos"], ["meh", "neutral"]])
+        dev = write_csv(tmp_path / "dev.csv", ["text", "label"], [["fine", "pos"], ["meh", "neutral"]])
         return ["--train-file", str(good), "--validation-file", str(dev)], ["dev.csv", "row 2", "'neutral'",
                                                                             "['neg', 'pos']"]
     if name == "single class":
-        one = _csv(tmp_path / "one.csv", ["text", "label"], [["a", "pos"], ["b", "pos"]])
+        one = write_csv(tmp_path / "one.csv", ["text", "label"], [["a", "pos"], ["b", "pos"]])
         return ["--train-file", str(one)], ["single class 'pos'"]
     if name == "nan target":
-        bad = _csv(tmp_path / "nan.csv", ["text", "label"], [["a", "0.5"], ["b", "nan"], ["c", "1.5"]])
+        bad = write_csv(tmp_path / "nan.csv", ["text", "label"], [["a", "0.5"], ["b", "nan"], ["c", "1.5"]])
         return ["--train-file", str(bad)], ["row 2", "not finite"]
     if name == "inf target":
-        bad = _csv(tmp_path / "inf.csv", ["text", "label"], [["a", "0.5"], ["b", "2.5"], ["c", "-inf"]])
+        bad = write_csv(tmp_path / "inf.csv", ["text", "label"], [["a", "0.5"], ["b", "2.5"], ["c", "-inf"]])
         return ["--train-file", str(bad), "--problem-type", "regression"], ["row 3", "not finite"]
     if name == "mixed labels":
-        bad = _csv(tmp_path / "mixed.csv", ["text", "label"], [["a", "positive"], ["b", "1"], ["c", "0"]])
+        bad = write_csv(tmp_path / "mixed.csv", ["text", "label"], [["a", "positive"], ["b", "1"], ["c", "0"]])
         return ["--train-file", str(bad)], ["mixes numbers (row 2: '1')", "strings (row 1: 'positive')"]
     if name == "empty text":
-        bad = _csv(tmp_path / "blank.csv", ["text", "label"], [["a", "pos"], ["b", "neg"], ["  ", "pos"]])
+        bad = write_csv(tmp_path / "blank.csv", ["text", "label"], [["a", "pos"], ["b", "neg"], ["  ", "pos"]])
         return ["--train-file", str(bad)], ["column 'text' row 3", "empty"]
     if name == "three text columns":
         return ["--train-file", str(good), "--text-columns", "a", "b", "c"], ["text_columns", "one or two",
@@ -114,7 +106,7 @@ ROWS = st.lists(st.tuples(TEXT, TEXT, st.sampled_from(["alpha", "beta", "gamma"]
 
 def _write(path, rows, kind):
     if kind == "csv":
-        _csv(path, ["first", "second", "label"], rows)
+        write_csv(path, ["first", "second", "label"], rows)
     elif kind == "tsv":  # GLUE's convention: no quoting, a quote or backslash is text (no control characters here)
         path.write_text("".join("\t".join(row) + "\n" for row in [("first", "second", "label"), *rows]),
                         encoding="utf-8")
