@@ -153,3 +153,24 @@ def test_a_broken_link_is_found(tmp_path):
     page.write_text("[ok](other.md#the-factorizer---factorization) [gone](missing.md) "
                     "[bad anchor](other.md#nowhere) [web](https://example.org/x) `[in code](missing.md)`\n")
     assert broken_links(page) == ["missing.md: no such file", "other.md#nowhere: no heading with that anchor"]
+
+
+def test_the_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
+    """The README's loop, pasted as it is, around a tiny BERT and its batches: it prunes, factorizes with the
+    calibration it gathered itself, converts, saves and loads a low-rank model."""
+    import torch
+
+    from lrsparse.layers import LowRankLinear
+    from pipeline_helpers import random_batches, tiny_bert
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)
+    model = tiny_bert()
+    loader = random_batches(6, batch=4)
+    namespace = {"model": model, "loader": loader, "steps": len(loader), "tokenizer": None, "torch": torch,
+                 "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3)}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (Python API)", "exec"), namespace)  # noqa: S102 (the documented code itself)
+    loaded = namespace["model"]
+    assert loaded is not model and sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == 12
+    assert (tmp_path / "out" / "model.safetensors").is_file()
