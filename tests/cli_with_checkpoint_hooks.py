@@ -7,11 +7,14 @@ that the production code holds no test switch:
   the named stage's checkpoint is committed: a simulated crash.
 - ``LRSPARSE_TEST_PAUSE_AFTER_CHECKPOINT=<stage>:<step>``: the process sleeps right after committing that
   intra-stage checkpoint, so a test can SIGKILL it at a known point.
+- ``LRSPARSE_TEST_KILL_RANK_AFTER_CHECKPOINT=<rank>:<stage>:<step>``: under torchrun, that rank SIGKILLs itself right
+  after that intra-stage checkpoint (torchrun then stops the other ranks): one rank of a launch killed mid-stage.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -20,12 +23,16 @@ from lrsparse.cli import main
 
 EXIT_AFTER_STAGE = "LRSPARSE_TEST_EXIT_AFTER_STAGE"
 PAUSE_AFTER_CHECKPOINT = "LRSPARSE_TEST_PAUSE_AFTER_CHECKPOINT"
+KILL_RANK_AFTER_CHECKPOINT = "LRSPARSE_TEST_KILL_RANK_AFTER_CHECKPOINT"
 
 
 def _hook(run, record: dict) -> None:
     if "step" not in record and os.environ.get(EXIT_AFTER_STAGE) == record["name"]:
         logging.shutdown()
         os._exit(75)
+    if "step" in record and os.environ.get(KILL_RANK_AFTER_CHECKPOINT) == \
+            f"{os.environ.get('RANK')}:{record['name']}:{record['step']}":
+        os.kill(os.getpid(), signal.SIGKILL)
     if "step" in record and os.environ.get(PAUSE_AFTER_CHECKPOINT) == f"{record['name']}:{record['step']}":
         logging.shutdown()
         while True:

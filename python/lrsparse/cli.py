@@ -175,9 +175,17 @@ def _resume_own_data(args) -> None:
 
 
 def _compress(args) -> int:
+    import torch.distributed
+
+    from lrsparse.distributed import is_main_process
+
     _resume_own_data(args)
-    report = run_compression(config_from_args(args))
-    if not args.no_inspect:
+    try:
+        report = run_compression(config_from_args(args))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a torchrun launch
+            torch.distributed.destroy_process_group()
+    if not args.no_inspect and is_main_process():
         print(format_report(report))
     return 0
 
@@ -221,8 +229,12 @@ def _export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from lrsparse.distributed import is_main_process, rank
+
+    # Under torchrun the log is rank 0's; the other ranks report warnings and errors only, under their rank.
+    logging.basicConfig(level=args.log_level if is_main_process() else max(logging.WARNING, getattr(logging,
+                        args.log_level)), format=("" if is_main_process() else f"[rank {rank()}] ")
+                        + "%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     handlers = {"compress": _compress, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect,
                 "export": _export}

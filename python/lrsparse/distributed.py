@@ -98,3 +98,50 @@ def check_same_across_ranks(tensors: Sequence[Tensor], what: str) -> None:
             "model (pruner.step() after loss.backward() on the DDP-wrapped model, never under no_sync) and every "
             "rank must start from the same weights"
         )
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's ``LOCAL_RANK``), else 0."""
+    return _launcher_int("LOCAL_RANK", 0)
+
+
+def setup_from_launcher(device: str) -> tuple[torch.device, str] | None:
+    """Under a multi-rank launch (torchrun's ``WORLD_SIZE`` > 1): joins the process group (creating it when the
+    program has none yet: NCCL with one GPU per rank, ``cuda:LOCAL_RANK``, or gloo on CPUs) and returns (this rank's
+    device, backend); None for a single process. ``device`` is the run's ``--device``: "auto", "cpu" or "cuda" (a
+    fixed "cuda:N" would put every rank on one GPU)."""
+    world = world_size()
+    if world <= 1:
+        return None
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if wants_cuda:
+        if device not in ("auto", "cuda"):
+            raise ValueError(f"device {device!r} under a {world}-rank launch would put every rank on one GPU: pass "
+                             "--device cuda (or auto); each rank uses cuda:LOCAL_RANK")
+        visible = torch.cuda.device_count()
+        per_machine = _launcher_int("LOCAL_WORLD_SIZE", world)
+        if per_machine > visible:
+            raise ValueError(f"{per_machine} ranks per machine but {visible} visible CUDA device(s): launch at most "
+                             f"{visible} processes per machine (torchrun --nproc_per_node), or run on the CPU "
+                             "(--device cpu)")
+        torch.cuda.set_device(local_rank())
+        target, backend = torch.device("cuda", local_rank()), "nccl"
+    else:
+        target, backend = torch.device("cpu"), "gloo"
+    if not _group_initialized():
+        torch.distributed.init_process_group(backend)  # env://: torchrun's MASTER_ADDR, MASTER_PORT, RANK, ...
+    return target, torch.distributed.get_backend()
+
+
+def gather_objects(value) -> list:
+    """``value`` of every rank, in rank order (a collective); ``[value]`` outside a multi-rank group."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def shard_bounds(count: int, rank_: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank_``'s contiguous share of ``count`` items (shares differ by at most one)."""
+    return rank_ * count // world, (rank_ + 1) * count // world

@@ -39,7 +39,8 @@ from lrsparse.checkpoint import CHECKPOINT_FORMAT, CheckpointError, CheckpointSt
 from lrsparse.compressor import Compressor, prepare
 from lrsparse.data import PaddingCollator
 from lrsparse.distillation import Distiller
-from lrsparse.distributed import is_main_process
+from lrsparse.distributed import (check_same_across_ranks, gather_objects, is_distributed, is_main_process, rank,
+                                  setup_from_launcher, shard_bounds, world_size)
 from lrsparse.embedding import transformer_folder
 from lrsparse.factorization import FactorizationError
 from lrsparse.io import LAYERS_FILE, load_compressed, save_compressed, saved_extra
@@ -81,7 +82,12 @@ class CompressionRun:
         self.task = resolve_task(config.task, config.train_text, config.data_spec(), config.train_text_columns())
         self.output_dir = Path(config.output_dir)
         self.store = CheckpointStore(self.output_dir)
-        self.device = resolve_device(config.device)
+        # Under torchrun: join the process group; every rank trains on its share of each global batch.
+        launch = setup_from_launcher(config.device)
+        self.device, self.backend = launch if launch is not None else (resolve_device(config.device), None)
+        if config.batch_size % world_size():
+            raise ValueError(f"batch_size {config.batch_size} is the global batch: it must be divisible by the "
+                             f"{world_size()} ranks of this launch")
         self.stage_names = config.stage_names()
         self._check_output_dir()
         # Data errors surface here, before the model is touched.
@@ -190,12 +196,42 @@ class CompressionRun:
         save = None if self._save_progress is None else functools.partial(self._save_progress, state)
         distiller = self._distiller(teacher, state) if teacher is not None and self.config.distills else None
         stats = train(state.model, self.train_set, self.config, steps, stage_seed, stage, self.collate, self.device,
+                      wrap=self._data_parallel if is_distributed() else None,
                       compressor=compressor, resume=resume, save_progress=save, writer=self.writer,
                       distiller=distiller)
         if distiller is not None:
             stats.update(teacher=teacher, teacher_seconds=distiller.teacher_seconds,
                          teacher_bytes=distiller.teacher_bytes)
         return stats
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel over ``model`` (a new wrapper whenever the parameters change). Unused parameters
+        are allowed: the embedding task never uses the encoder's pooler, the stochastic mixed-rank strategy one of a
+        layer's two paths per forward."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+    def _check_launch(self) -> None:
+        """Every rank of a data-parallel run must have the same options and the same tokenized data."""
+        import hashlib
+
+        if not is_distributed():
+            return
+        digest = hashlib.sha256()
+        for dataset in (self.train_set, self.eval_set):
+            for i in range(len(dataset)):
+                for key, value in sorted(dataset[i].items()):
+                    digest.update(key.encode() + value.numpy().tobytes())
+        mine = {"config": self.config.identity(), "data": digest.hexdigest()}
+        for other, theirs in enumerate(gather_objects(mine)):
+            if theirs != mine:
+                what = [key for key in mine if mine[key] != theirs[key]]
+                details = config_differences(theirs["config"], mine["config"]) if "config" in what else []
+                raise ValueError(f"rank {rank()} and rank {other} of this launch disagree on {' and '.join(what)}"
+                                 + (f" ({'; '.join(details)})" if details else " (the input files differ)")
+                                 + ": every rank must run the same command on the same files")
 
     def _calibration_batches(self, seed: int):
         """A seeded subset of ``calibration_samples`` training examples, in evaluation batches (None when the
@@ -204,6 +240,8 @@ class CompressionRun:
             return None
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.train_set), generator=generator)[:self.lpaf.calibration_samples].tolist()
+        low, high = shard_bounds(len(order), rank(), world_size())  # data-parallel: the covariances are pooled
+        order = order[low:high]
         size = self.config.eval_batch_size
         return [self.collate([self.train_set[i] for i in order[start:start + size]])
                 for start in range(0, len(order), size)]
@@ -274,6 +312,9 @@ class CompressionRun:
             error.hint = (f". The checkpoint of the previous stage in {self.store.directory} is kept: once the "
                           "cause is fixed, rerun the same command with --resume to continue from it")
             raise
+        # Every rank factorizes every layer from the same pooled statistics: check that they agree.
+        check_same_across_ranks([p for name, p in state.model.named_parameters() if name.endswith((".U", ".V"))],
+                                "factors")
         return {"mean_relative_error": sum(r.relative_error for r in records) / max(1, len(records))}
 
     def _stage_mixed_rank(self, state: _RunState, stage_seed: int) -> dict:
@@ -347,6 +388,11 @@ class CompressionRun:
                 log.info("run in %s is already complete; nothing to resume", self.output_dir)
                 return json.loads((self.output_dir / "report.json").read_text(encoding="utf-8"))
         self._prepare()
+        self._check_launch()
+        if manifest is not None and manifest.get("world_size", 1) != world_size():
+            raise CheckpointError(f"--resume: the checkpoint in {self.output_dir} was made by "
+                                  f"{manifest.get('world_size', 1)} process(es), this launch has {world_size()}: "
+                                  "resume with the same number")
         if manifest is not None and "in_progress" in manifest:
             current = manifest["in_progress"]
             if current["index"] != len(manifest["stages"]) or current["name"] != self.stage_names[current["index"]]:
@@ -368,7 +414,7 @@ class CompressionRun:
             targets = Compressor(state.model, self.lpaf, gather_calibration=False).targets  # what the method will compress, for the counts
             dense = count_parameters(state.model, list(targets), sparse=False)
             manifest = {"format_version": CHECKPOINT_FORMAT, "config": config.identity(), "dense_params": dense,
-                        "stages": [], "completed": False}
+                        "stages": [], "completed": False, "world_size": world_size()}
         log.info("task %s, method %s, keep %.3f, %d train / %d eval examples, steps %s, device %s",
                  self.task.name, config.method, config.keep, len(self.train_set), len(self.eval_set),
                  {k: v for k, v in self.steps.items() if k != "finetune"}, self.device)
@@ -416,6 +462,9 @@ class CompressionRun:
                    **{name: getattr(self.config, name) for name in EVALUATION_SETTINGS},
                    **({} if self.config.data_spec() is None else {"data": self.config.data_spec().to_dict()})})
         report["run_seconds"] = seconds
+        report["distributed"] = {"world_size": world_size(), "backend": self.backend,
+                                 "global_batch": self.config.batch_size,
+                                 "per_rank_batch": self.config.batch_size // world_size()}
         if self.data_description is not None:
             report["data"] = self.data_description
         if not is_main_process():  # rank 0 writes the report and the manifest

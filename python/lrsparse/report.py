@@ -138,9 +138,12 @@ def format_report(report: dict) -> str:
         f"model: {report.get('model', '?')}  factorization: {report.get('factorization') or '-'}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "final: " + ", ".join(f"{k} {v:.4f}" for k, v in report["final_metrics"].items()),
-        "",
-        "stages",
     ]
+    parallel = report.get("distributed") or {}
+    if parallel.get("world_size", 1) > 1:
+        lines.append(f"data parallel: {parallel['world_size']} ranks ({parallel['backend']}), batch "
+                     f"{parallel['global_batch']} global = {parallel['per_rank_batch']} per rank")
+    lines += ["", "stages"]
     metric_names: list[str] = []
     for stage in report["stages"]:
         metric_names += [m for m in stage["metrics"] if m not in metric_names and m != "main"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lrsparse.checkpoint import CheckpointError
+from lrsparse.distributed import gather_objects, is_distributed, is_main_process, rank, shard_bounds, world_size
 from lrsparse.layers import MixedRankLinear
 from lrsparse.modeling import autocast
 from lrsparse.tasks import resolve_task
@@ -30,24 +31,33 @@ OVERFLOW_STREAK_LIMIT = 20
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
-    # disable=None: bars on a terminal only, so logs and CI output stay clean.
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+    # disable=None: bars on a terminal only, so logs and CI output stay clean; one bar per run (rank 0's).
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None if is_main_process() else True,
+                file=sys.stderr)
 
 
 def seed_stage(seed: int, stage_index: int) -> int:
-    """Seeds torch for one stage; the stage's data order uses the returned seed too."""
+    """Seeds torch for one stage; the stage's data order uses the returned seed too (the same on every rank of a
+    data-parallel run, while dropout draws differ per rank, as every rank's shard of the batch is other examples)."""
     stage_seed = seed * 1000 + stage_index
-    torch.manual_seed(stage_seed)
+    torch.manual_seed(stage_seed + 1_000_003 * rank() if is_distributed() else stage_seed)
     return stage_seed
 
 
 class _BatchStream:
     """Endless shuffled batches of ``dataset``. Epoch ``e`` is a permutation drawn from a generator seeded with
     ``(seed, e)``, so the position (epoch, batches taken in it) is all a resumed stage needs to see the same batches.
-    The last batch of an epoch may be smaller (as a DataLoader without drop_last)."""
+    The last batch of an epoch may be smaller (as a DataLoader without drop_last).
+
+    ``batch_size`` is global: in a data-parallel run every rank draws the same global batch and takes its contiguous
+    share. Each batch comes with the weight ``n_rank * world / n`` of its share's mean loss, so that DDP's average of
+    the ranks' gradients is the gradient of the global batch's mean loss also when the shares differ (1 when they are
+    equal, and always in one process). A rank whose share is empty (a last batch smaller than the world) gets one
+    example at weight 0, so that every rank still joins the gradient all-reduce."""
 
     def __init__(self, dataset, batch_size: int, collate, seed: int):
         self.dataset, self.batch_size, self.collate, self.seed = dataset, batch_size, collate, seed
+        self.rank, self.world = rank(), world_size()
         self.batches_per_epoch = math.ceil(len(dataset) / batch_size)
         self.epoch, self.index = 0, 0
         self._order: list[int] | None = None
@@ -60,7 +70,11 @@ class _BatchStream:
             self._order = torch.randperm(len(self.dataset), generator=generator).tolist()
         start = self.index * self.batch_size
         self.index += 1
-        return self.collate([self.dataset[i] for i in self._order[start:start + self.batch_size]])
+        indices = self._order[start:start + self.batch_size]
+        low, high = shard_bounds(len(indices), self.rank, self.world)
+        weight = (high - low) * self.world / len(indices)
+        mine = indices[low:high] or indices[:1]
+        return self.collate([self.dataset[i] for i in mine]), weight
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
@@ -95,11 +109,19 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    """This process's RNG state; in a data-parallel run every rank's, in rank order (a collective), since each
+    rank draws its own dropout."""
+    local = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None}
+    return {"ranks": gather_objects(local)}
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
+    if "ranks" in state:
+        if len(state["ranks"]) != world_size():
+            raise CheckpointError(f"the checkpoint was made by {len(state['ranks'])} rank(s), this run has "
+                                  f"{world_size()}: resume with the same number of processes")
+        state = state["ranks"][rank()]
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -127,7 +149,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sa
 
 def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: str, collate, device: torch.device,
           compressor=None, resume: dict | None = None, save_progress: Callable[[dict], None] | None = None,
-          writer=None, distiller=None) -> dict:
+          writer=None, distiller=None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict:
     """``steps`` AdamW steps with linear warmup/decay; ``config`` is the run's :class:`~lrsparse.recipe.RecipeConfig`.
 
     ``compressor.step(optimizer)`` (a :class:`~lrsparse.compressor.Compressor`, or None) runs after each optimizer
@@ -142,8 +164,12 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
     and the compressor, to continue exactly (optimizer, LR schedule, data position, RNG, counters); ``resume`` is
     such a state. ``writer`` (a TensorBoard SummaryWriter) gets ``<desc>/loss`` and the density or alpha per step.
     ``distiller`` (a :class:`~lrsparse.distillation.Distiller`) replaces the task loss by the distillation objective.
+    ``wrap`` (data-parallel runs) gives the module the forward runs through, e.g. DistributedDataParallel over
+    ``model``; it is called again when the compressor's mixed-rank schedule drops the sparse weights (the parameters
+    change). In such a run ``config.batch_size`` is the global batch and every rank trains on its share of it.
     """
     model.train()
+    forward = model if wrap is None else wrap(model)
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     scheduler = _linear_schedule(optimizer, steps, config.warmup_ratio)
     batches = _BatchStream(dataset, config.batch_size, collate, stage_seed)
@@ -171,9 +197,12 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
         bar.update(counters["step"])
         while counters["step"] < steps:
             step = counters["step"] + 1
-            batch = _to_device(next(batches), device)
+            batch, weight = next(batches)
+            batch = _to_device(batch, device)
             with autocast(config.precision, device):
-                loss = model(**batch).loss if distiller is None else distiller(model, batch)
+                loss = forward(**batch).loss if distiller is None else distiller(forward, batch)
+            if weight != 1.0:  # an uneven share of a data-parallel batch (see _BatchStream)
+                loss = loss * weight
             if not torch.isfinite(loss):
                 counters["skipped_steps"] += 1
                 log.warning("%s step %d: non-finite loss %s, step skipped", desc, step, float(loss))
@@ -197,7 +226,10 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                     log.warning("%s; steps keep being skipped", message)
                 if applied:
                     if compressor is not None:  # _apply_gradients has checked that every gradient is finite
+                        phase = compressor.phase
                         compressor.step(optimizer, grads_finite=True)
+                        if wrap is not None and compressor.phase != phase:  # the sparse weights left the model
+                            forward = wrap(model)
                     counters["loss_sum"] += loss.item()
                     if writer is not None:
                         _write_step_scalars(writer, desc, step, loss.item(), compressor)
@@ -277,7 +309,11 @@ def evaluate(model: nn.Module, dataset, task, batch_size: int, collate, device: 
     was_training = model.training
     model.eval()
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in task.output_names}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    # Data-parallel: every rank scores a contiguous block of the examples; the outputs are gathered in rank order, so
+    # every rank computes the metrics of the whole set.
+    low, high = shard_bounds(len(dataset), rank(), world_size())
+    shard = dataset if (low, high) == (0, len(dataset)) else torch.utils.data.Subset(dataset, range(low, high))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
     with _progress(len(loader), desc) as bar:
         for batch in loader:
             inputs = {key: value for key, value in batch.items() if key not in task.label_names}
@@ -287,6 +323,9 @@ def evaluate(model: nn.Module, dataset, task, batch_size: int, collate, device: 
                 batches.append(result[name].float().cpu())
             bar.update(1)
     model.train(was_training)
+    if is_distributed():
+        outputs = {name: [batch for part in gather_objects(batches) for batch in part]
+                   for name, batches in outputs.items()}
     return task.metrics(outputs, dataset)
 
 
