@@ -67,7 +67,7 @@ class RecipeConfig:
     prune_epochs: float | None = option(None, "override --epochs for fine-tuning with pruning (no pruner: plain "
                                         "fine-tuning)")
     mixed_epochs: float | None = option(None, "override --epochs for mixed-rank fine-tuning")
-    batch_size: int = option(32, "training batch size")
+    batch_size: int = option(32, "training batch size, global: a torchrun launch splits it across its ranks")
     eval_batch_size: int = option(64, "evaluation batch size")
     lr: float = option(1e-4, "peak AdamW learning rate of every stage")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm gains)")
