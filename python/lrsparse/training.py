@@ -226,7 +226,7 @@ def train(model: nn.Module, dataset, config, steps: int, stage_seed: int, desc: 
                     log.warning("%s; steps keep being skipped", message)
                 if applied:
                     if compressor is not None:  # _apply_gradients has checked that every gradient is finite
-                        phase = compressor.phase
+                        phase = None if wrap is None else compressor.phase
                         compressor.step(optimizer, grads_finite=True)
                         if wrap is not None and compressor.phase != phase:  # the sparse weights left the model
                             forward = wrap(model)
