@@ -63,12 +63,12 @@ def worker(model_name: str, data_dir: str, steps: int, warmup: int, out: str) ->
     model = load_task_model(source, task, keep_head=False)
     config = RecipeConfig.create(task="sst2", keep=1.0, output_dir=tempfile.mkdtemp(), batch_size=BATCH,
                                  checkpoint_every=0)
-    wrap = None
-    if is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
 
-        def wrap(module):
-            return DistributedDataParallel(module, find_unused_parameters=True)
+    def data_parallel(module):
+        return DistributedDataParallel(module, find_unused_parameters=True)
+
+    wrap = data_parallel if is_distributed() else None
     collate = PaddingCollator(tokenizer.pad_token_id or 0)
     train(model, dataset, config, warmup, 0, "warmup", collate, torch.device("cpu"), wrap=wrap)
     started = time.perf_counter()

@@ -8,7 +8,6 @@ models have dropout 0, so both see the same computation). A resumed launch equal
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess

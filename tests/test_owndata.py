@@ -8,12 +8,12 @@ import json
 import math
 
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from lrsparse.cli import main
 from lrsparse.owndata import DataSpec, read_examples
-from lrsparse.pipeline import evaluate_saved, run_compression
+from lrsparse.evaluation import evaluate_saved
+from lrsparse.pipeline import run_compression
 from lrsparse.recipe import RecipeConfig
 from pipeline_helpers import save_tiny_bert_checkpoint, write_csv
 

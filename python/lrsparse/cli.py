@@ -13,7 +13,8 @@ from lrsparse.checkpoint import CheckpointError
 from lrsparse.config import PRESETS, LPAFConfig, registry_choices
 from lrsparse.export import FORMATS, describe, export_compressed
 from lrsparse.factorization import FactorizationError
-from lrsparse.pipeline import evaluate_saved, run_compression
+from lrsparse.evaluation import evaluate_saved
+from lrsparse.pipeline import run_compression
 from lrsparse.predict import run_model_dir
 from lrsparse.recipe import RecipeConfig
 from lrsparse.report import format_report, load_report, plot_report
