@@ -158,3 +158,30 @@ def glance_table() -> str:
                  f"{r['compressed_seq_per_s']:.0f}", f"**{r['speedup']:.2f}x** (slower)",
                  f"`gpu/inference_cuda.json`, {short_host('gpu/inference_cuda.json')}"])
     return table(["all-MiniLM-L6-v2", "dense", "keep 0.25", "keep 0.25 / dense", "results file, host"], rows)
+
+
+def distributed_table() -> str:
+    """`lrsparse compress`'s training loop on 2 processes x 1 thread against 1 x 2 threads, per model."""
+    name = "distributed_cpu.json"
+    data = load(name)
+    rows = [[r["model"], f"{r['world_size']} x {r['threads']}", f"{r['examples_per_second']:.1f}",
+             f"{r.get('speedup_vs_1x2', 1.0):.2f}x",
+             f"{1e3 * r['allreduce_seconds']:.0f} ms for {r['allreduce_mb']:.0f} MB" if "allreduce_seconds" in r
+             else "-"] for r in data["rows"]]
+    return (f"`{name}`, measured on: {host(name)}; global batch {data['batch']}.\n\n"
+            + table(["model", "processes x threads", "examples/s", "vs 1 x 2", "all-reduce of the gradient"], rows))
+
+
+def own_data_table() -> str:
+    """The own-data run: stage metrics and times, and predict's accuracy scored from its output file."""
+    name = "own_data_mpnet_sst2.json"
+    data = load(name)
+    rows = [[s["name"], f"{100 * s['metrics']['accuracy']:.1f}", f"{100 * s['metrics']['macro_f1']:.1f}",
+             f"{s['seconds'] / 60:.1f}"] for s in data["stages"]]
+    params = data["params"]
+    return (f"`{name}`, measured on: {host(name)}; {data['train_examples']:,} training sentences, the full dev set "
+            f"({data['eval_examples']}); majority class {100 * data['majority_accuracy']:.1f}; one seed.\n\n"
+            + table(["stage", "accuracy", "macro-F1", "minutes"], rows)
+            + f"\n\n`lrsparse predict` on the dev file: accuracy {100 * data['predict']['accuracy']:.1f} (scikit-learn, "
+              f"from the predictions file). Run time {data['run_seconds'] / 60:.0f} min; target layers "
+              f"{params['target_dense']:,} -> {params['target_compressed']:,} parameters.")

@@ -50,6 +50,8 @@ RENDERERS = {
     "training-table": runs.training_table,
     "ops-table": runs.ops_table,
     "ops-weighted-lowrank-table": partial(runs.ops_table, "ops_cpu_weighted_lowrank.json"),
+    "distributed-table": runs.distributed_table,
+    "own-data-table": runs.own_data_table,
 }
 
 

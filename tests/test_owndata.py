@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from lrsparse.cli import main
@@ -121,6 +122,15 @@ def test_three_string_classes_keep_their_names_in_every_export(three_class_run, 
     exported = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert {int(k): v for k, v in exported["id2label"].items()} == names
     assert exported["label2id"] == {v: k for k, v in names.items()}
+    # Formats without a config carry the names too: a TorchScript extra file, ONNX model metadata.
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "model.pt")]) == 0
+    extra = {"id2label.json": ""}
+    torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
+    assert {int(k): v for k, v in json.loads(extra["id2label.json"]).items()} == names
+    onnxruntime = pytest.importorskip("onnxruntime")
+    assert main(["export", str(run), "--format", "onnx", "--int8", "--out", str(tmp_path / "model.onnx")]) == 0
+    metadata = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert {int(k): v for k, v in json.loads(metadata["id2label"]).items()} == names
     # predict reads the export (trust_remote_code) as it reads the run: the same labels and probabilities.
     for model, out in ((tmp_path / "plain", tmp_path / "from_export.jsonl"), (run, tmp_path / "from_run.jsonl")):
         assert main(["predict", str(model), "--input", str(root / "validation.jsonl"), "--output", str(out),

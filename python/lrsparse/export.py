@@ -181,14 +181,25 @@ def _traceable(model: nn.Module) -> NamedOutputs:
     return NamedOutputs(plain).eval()
 
 
+def label_names(model: nn.Module) -> dict[str, str]:
+    """``{"id2label": JSON}`` of a classifier's class names (the user's labels), for formats without a config: a
+    TorchScript extra file and ONNX metadata; {} for other models."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or not getattr(config, "id2label", None):
+        return {}
+    return {"id2label": json.dumps({str(i): str(config.id2label[i]) for i in range(int(config.num_labels))})}
+
+
 def export_torchscript(model: nn.Module, path: str | os.PathLike) -> Path:
-    """``torch.jit.trace`` of the plain tree (see :class:`NamedOutputs`), saved to ``path``."""
+    """``torch.jit.trace`` of the plain tree (see :class:`NamedOutputs`), saved to ``path``; a classifier's class
+    names ride along as the extra file ``id2label.json`` (``torch.jit.load(path, _extra_files={"id2label.json": ""})``)."""
     wrapper = _traceable(model)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example_inputs(model), check_trace=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(traced, str(path))
+    extra = {f"{key}.json": value for key, value in label_names(model).items()}
+    torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
 
@@ -223,6 +234,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, int8
             quantize_onnx_int8(float_path, path)
         finally:
             float_path.unlink(missing_ok=True)
+    metadata = label_names(model)
+    if metadata:  # a classifier's class names as model metadata (onnxruntime: session.get_modelmeta())
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(path))
     return path
 
 
