@@ -94,6 +94,18 @@ def test_stsb_as_parquet_regression_equals_the_glue_task_bitwise(data_dir, tiny_
     for glue_stage, own_stage in zip(_stage_metrics(glue), _stage_metrics(own), strict=True):
         assert (own_stage["pearson"], own_stage["spearman"]) == (glue_stage["pearson"], glue_stage["spearman"])
     assert own["data"]["problem_type"] == "regression"
+    # predict writes the regression values; scipy's correlations of that file reproduce the run's final scores.
+    from scipy.stats import pearsonr, spearmanr
+
+    out = tmp_path / "scores.csv"
+    assert main(["predict", str(tmp_path / "own_run"), "--input", str(tmp_path / "dev.parquet"), "--output",
+                 str(out), "--no-progress"]) == 0
+    with open(out, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["first", "second", "similarity", "prediction"]
+    gold, predicted = [float(r["similarity"]) for r in rows], [float(r["prediction"]) for r in rows]
+    assert pearsonr(predicted, gold)[0] == pytest.approx(own["final_metrics"]["pearson"], abs=1e-5)
+    assert spearmanr(predicted, gold)[0] == pytest.approx(own["final_metrics"]["spearman"], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +177,22 @@ def test_predict_on_the_validation_file_reproduces_evaluate(three_class_run, tmp
     assert list(table[0]) == ["body", "topic", "prediction", "probability", "probability_politics",
                               "probability_science", "probability_sports"]
     assert [row["prediction"] for row in table] == predicted
+
+
+def test_predict_reads_standard_input_and_writes_standard_output(three_class_run):
+    import subprocess
+    import sys
+
+    root, run = three_class_run
+    lines = [json.dumps({"body": "vote law senate again"}), json.dumps({"body": "a goal in the match"})]
+    done = subprocess.run([sys.executable, "-m", "lrsparse.cli", "predict", str(run), "--input", "-", "--output", "-",
+                           "--no-progress"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["body"] for row in rows] == ["vote law senate again", "a goal in the match"]
+    assert all(row["prediction"] in {"politics", "science", "sports"} for row in rows)
+    assert "wrote 2 prediction(s) to standard output" in done.stderr
 
 
 def test_evaluate_without_flags_scores_the_runs_dev_set(three_class_run):
