@@ -171,3 +171,49 @@ def test_short_real_run_in_bf16_ends_close_to_fp32(tmp_path, minilm_path, data_d
     assert reports["bf16"]["config"]["precision"] == "bf16"
     # bf16 did run in bf16: the losses are close, not equal.
     assert stages["bf16"]["prune"]["mean_loss"] != stages["fp32"]["prune"]["mean_loss"]
+
+
+def test_bf16_speed_probe_matches_timed_matrix_products():
+    """The probe behind the bf16 warning against an independent timing of the same products (medians of 5 runs of
+    each dtype, one thread): both say whether bf16 is the faster one on this CPU, unless the two are within 25%."""
+    import statistics
+    import time
+
+    from lrsparse.modeling import cpu_bf16_gemm_speedup, has_fast_bf16
+
+    probe = cpu_bf16_gemm_speedup()
+    assert math.isfinite(probe) and probe > 0
+    assert has_fast_bf16(torch.device("cpu")) == (probe > 1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        medians = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(512, 512).to(dtype)
+            a @ a
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                a @ a
+                runs.append(time.perf_counter() - start)
+            medians[dtype] = statistics.median(runs)
+    finally:
+        torch.set_num_threads(threads)
+    measured = medians[torch.float32] / medians[torch.bfloat16]
+    if not 0.8 < measured < 1.25:  # a clear answer either way must agree with the probe's
+        assert (measured > 1.0) == (probe > 1.0), (measured, probe)
+
+
+def test_bf16_on_a_cpu_where_it_is_slower_warns_with_the_measured_ratio(tmp_path, minilm_path, data_dir,
+                                                                      monkeypatch, caplog):
+    from lrsparse import modeling
+    from lrsparse.pipeline import run_compression
+
+    monkeypatch.setattr(modeling, "cpu_bf16_gemm_speedup", lambda: 0.54)
+    checkpoint = save_tiny_bert_checkpoint(tmp_path / "tiny", minilm_path, layers=1)
+    config = RecipeConfig.create(task="sst2", keep=0.5, output_dir=str(tmp_path / "run"), model=str(checkpoint),
+                                 data_dir=str(data_dir / "glue"), max_train_samples=32, max_eval_samples=16, epochs=1,
+                                 batch_size=16, max_seq_len=16, precision="bf16", device="cpu", checkpoint_every=0)
+    with caplog.at_level("WARNING", logger="lrsparse.pipeline"):
+        run_compression(config)
+    assert "multiplies bf16 matrices 0.54x as fast as fp32" in caplog.text

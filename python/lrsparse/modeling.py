@@ -1,6 +1,7 @@
 """Loading a task model and its tokenizer, and counting its parameters."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -53,16 +54,36 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 training pays on ``device``: a GPU with bf16 support, or a CPU with AMX tiles. An AVX-512-BF16
-    CPU without AMX multiplies bf16 in hardware but trains slower than fp32 (measured 2026-12-06 on an Intel Xeon
-    with avx512_bf16 and no AMX: all-mpnet-base-v2, batch 32 x 40, 1 thread: 9.2 s per step in bf16, 6.0 s in fp32);
-    elsewhere bf16 products are emulated, many times slower."""
+    """Whether bf16 matrix products are faster than fp32 on ``device``: a GPU with bf16 support, or a CPU whose bf16
+    GEMM measures faster than its fp32 one. On a CPU the instruction flags do not decide it: an AMD host with
+    avx512_bf16 multiplied bf16 at 752 GFLOP/s against 107 in fp32 (benchmarks/results/training_cpu_avx512bf16.json),
+    an Intel Xeon with avx512_bf16 and no AMX at 84 against 136 (2026-12-06, 1024^3, 1 thread), where a bf16 training
+    step of all-mpnet-base-v2 was 1.5x slower than fp32; without bf16 instructions it is emulated, 16x slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return cpu_bf16_gemm_speedup() > 1.0
+
+
+@functools.cache
+def cpu_bf16_gemm_speedup(size: int = 512, repeats: int = 8) -> float:
+    """fp32 time / bf16 time of a ``size``-cubed matrix product on one CPU thread (measured once per process, about
+    0.1 s)."""
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+            a @ b  # warm-up: oneDNN picks and caches its kernel on the first call
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            seconds[dtype] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
 def autocast(precision: str, device: torch.device):

@@ -420,9 +420,12 @@ class CompressionRun:
                  {k: v for k, v in self.steps.items() if k != "finetune"}, self.device)
 
         if config.precision == "bf16" and not has_fast_bf16(self.device):
-            log.warning("precision bf16 on a CPU without AMX trains slower than fp32: measured 1.5x slower per step "
-                        "with avx512_bf16 (all-mpnet-base-v2 on an Intel Xeon, 2026-12-06) and 16x with AVX2 only "
-                        "(benchmarks/results/training_cpu.md); use --precision fp32 here")
+            from lrsparse.modeling import cpu_bf16_gemm_speedup
+
+            log.warning("precision bf16: this CPU multiplies bf16 matrices %.2fx as fast as fp32 (measured now), so "
+                        "bf16 training is slower here than fp32 (an Intel Xeon with avx512_bf16 but no AMX: 1.5x "
+                        "slower per all-mpnet-base-v2 step; AVX2 only: 16x, benchmarks/results/training_cpu.md); use "
+                        "--precision fp32", cpu_bf16_gemm_speedup())
         stage_functions = {"dense": self._stage_dense, "prune": self._stage_prune, "finetune": self._stage_prune,
                            "factorize": self._stage_factorize, "mixed_rank": self._stage_mixed_rank}
         for index in range(len(manifest["stages"]), len(self.stage_names)):
