@@ -134,7 +134,10 @@ class RecipeConfig:
         return cls(task=task, output_dir=output_dir, method=method, lpaf=lpaf, **options)
 
     def train_text_columns(self) -> tuple[str, ...] | None:
-        return None if self.text_columns is None else tuple(self.text_columns)
+        """task embedding: the columns of a --train-text table (other tasks: None; their columns are the data's)."""
+        if self.task != "embedding" or self.text_columns is None:
+            return None
+        return tuple(self.text_columns)
 
     def data_spec(self) -> DataSpec | None:
         """How the user's own data is read (None for a GLUE task, squad or embedding)."""
