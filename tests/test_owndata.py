@@ -261,4 +261,8 @@ def test_embedding_train_text_from_a_column_of_a_table(tmp_path):
     config = RecipeConfig.create(task="embedding", keep=0.5, output_dir=str(tmp_path / "run"), train_text=str(path),
                                  text_columns=["review"])
     assert config.identity()["train_text_columns"] == ["review"]
+    # For own data the columns belong to the data spec only (they once leaked into the identity and broke --resume).
+    own = RecipeConfig.create(task=None, keep=0.5, output_dir=str(tmp_path / "own"), train_file=str(path),
+                              text_columns=["review"], label_column="id")
+    assert "train_text_columns" not in own.identity() and own.identity()["data"]["text_columns"] == ["review"]
 
